@@ -1,0 +1,145 @@
+"""A blocking terminal client (sockets, no event loop), on the shared codec.
+
+For tools that are not asyncio: the locust suite, ``citycard tap``, scripts.
+
+>>> with BlockingTerminalClient("127.0.0.1", 7700, terminal_id=1, key=key) as client:  # doctest: +SKIP
+...     print(client.tap(terminal_seq=1, card_uid=0x04A1B2C3D4E5F6))
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from types import TracebackType
+
+from engine import fastpath
+from engine.client import (
+    DEFAULT_TIMEOUT_S,
+    READ_CHUNK_BYTES,
+    REQUEST_ID_MODULUS,
+    AuthenticationError,
+    ConnectionLost,
+    EngineError,
+    TapResult,
+)
+from engine.codes import ErrorCode, MessageType, ResultCode
+from engine.limits import NONCE_BYTES
+
+
+class BlockingTerminalClient:
+    """One authenticated session; each call sends one request and waits for its reply."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        terminal_id: int,
+        key: bytes,
+        key_version: int = 1,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self._socket = socket.create_connection((host, port), timeout=timeout)
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._frames = fastpath.FrameReader()
+        self._ready: list[tuple[int, int, bytes]] = []
+        self._next_request_id = 1
+        try:
+            self._handshake(terminal_id, key, key_version)
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, terminal_id: int, key: bytes, key_version: int) -> None:
+        client_nonce = os.urandom(NONCE_BYTES)
+        rid = self._take_id()
+        msg_type, body = self._exchange(rid, fastpath.encode_hello(rid, terminal_id, key_version, client_nonce))
+        if msg_type != MessageType.CHALLENGE:
+            raise AuthenticationError(f"expected CHALLENGE, got type 0x{msg_type:02x}")
+        server_nonce = fastpath.decode_challenge(body)
+        proof = fastpath.terminal_proof(key, terminal_id, key_version, client_nonce, server_nonce)
+        rid = self._take_id()
+        try:
+            msg_type, body = self._exchange(rid, fastpath.encode_auth(rid, proof))
+        except EngineError as error:
+            raise AuthenticationError(str(error)) from None
+        if msg_type != MessageType.AUTH_OK:
+            raise AuthenticationError(f"expected AUTH_OK, got type 0x{msg_type:02x}")
+        engine_proof, self.engine_time_ms = fastpath.decode_auth_ok(body)
+        expected = fastpath.engine_proof(key, terminal_id, key_version, client_nonce, server_nonce)
+        if engine_proof != expected:
+            raise AuthenticationError("the engine's proof is wrong: not our engine")
+
+    def tap(
+        self,
+        terminal_seq: int,
+        card_uid: int,
+        *,
+        card_counter: int = 0,
+        event_time_ms: int | None = None,
+        tap_flags: int = 0,
+    ) -> TapResult:
+        when = event_time_ms if event_time_ms is not None else time.time_ns() // 1_000_000
+        rid = self._take_id()
+        return self._result(rid, fastpath.encode_tap(rid, terminal_seq, card_uid, card_counter, when, tap_flags))
+
+    def topup(
+        self, terminal_seq: int, card_uid: int, amount_cents: int, *, event_time_ms: int | None = None
+    ) -> TapResult:
+        when = event_time_ms if event_time_ms is not None else time.time_ns() // 1_000_000
+        rid = self._take_id()
+        return self._result(rid, fastpath.encode_topup(rid, terminal_seq, card_uid, amount_cents, when))
+
+    def reversal(self, terminal_seq: int, original_seq: int, *, event_time_ms: int | None = None) -> TapResult:
+        when = event_time_ms if event_time_ms is not None else time.time_ns() // 1_000_000
+        rid = self._take_id()
+        return self._result(rid, fastpath.encode_reversal(rid, terminal_seq, original_seq, when))
+
+    def ping(self, payload: int = 0) -> int:
+        rid = self._take_id()
+        _, body = self._exchange(rid, fastpath.encode_ping(rid, payload))
+        return int(fastpath.decode_pong(body))
+
+    def _take_id(self) -> int:
+        rid = self._next_request_id
+        self._next_request_id = (rid + 1) % REQUEST_ID_MODULUS or 1
+        return rid
+
+    def _result(self, request_id: int, frame: bytes) -> TapResult:
+        msg_type, body = self._exchange(request_id, frame)
+        if msg_type != MessageType.TAP_RESULT:
+            raise EngineError(ErrorCode.UNEXPECTED_MESSAGE, f"expected TAP_RESULT, got type 0x{msg_type:02x}")
+        seq, result, amount, balance = fastpath.decode_tap_result(body)
+        return TapResult(seq, ResultCode(result), amount, balance)
+
+    def _exchange(self, request_id: int, frame: bytes) -> tuple[int, bytes]:
+        try:
+            self._socket.sendall(frame)
+            while True:
+                for index, (msg_type, rid, body) in enumerate(self._ready):
+                    if msg_type == MessageType.ERROR:
+                        code, text = fastpath.decode_error(body)
+                        raise EngineError(code, text)
+                    if rid == request_id:
+                        del self._ready[index]
+                        return msg_type, body
+                data = self._socket.recv(READ_CHUNK_BYTES)
+                if not data:
+                    raise ConnectionLost("connection closed by the engine")
+                self._ready.extend(self._frames.feed(data))
+                if self._frames.error is not None:
+                    raise self._frames.error
+        except OSError as error:  # timeouts included
+            raise ConnectionLost(f"connection lost: {error}") from None
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> BlockingTerminalClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()

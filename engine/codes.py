@@ -1,0 +1,108 @@
+"""Numbers that cross the wire: message types, result codes and error codes.
+
+These are the public names of the protocol (see ``docs/protocol.md``). The
+compiled fast path and its pure twin carry the same numbers as module
+constants; ``tests/test_codes.py`` checks that the three never drift apart.
+
+Result codes are ordered by precedence: when several declines apply to one
+request, the lowest code wins, exactly as the decision ladder checks them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class MessageType(enum.IntEnum):
+    """The ``type`` byte of a frame header."""
+
+    HELLO = 0x01  # terminal -> engine: who I am, my nonce
+    CHALLENGE = 0x02  # engine -> terminal: the engine's nonce
+    AUTH = 0x03  # terminal -> engine: proof of the terminal key
+    AUTH_OK = 0x04  # engine -> terminal: proof of the engine, session open
+    TAP = 0x10  # terminal -> engine: a card tap
+    TOPUP = 0x11  # kiosk -> engine: add stored value to a card
+    REVERSAL = 0x12  # terminal -> engine: cancel an earlier approved request
+    TAP_RESULT = 0x13  # engine -> terminal: the outcome of TAP, TOPUP or REVERSAL
+    PING = 0x20  # either side: keep-alive / echo request
+    PONG = 0x21  # reply to PING, same payload
+    ERROR = 0x7F  # engine -> terminal: protocol fault, the connection closes after it
+
+
+class ResultCode(enum.IntEnum):
+    """The outcome of a TAP, TOPUP or REVERSAL, carried in TAP_RESULT.
+
+    0 is approval. 16..63 are final declines (retrying changes nothing until
+    the card, account or rules change). 64 and above are not decisions about
+    the card: the terminal acts on them as documented per code.
+    """
+
+    APPROVED = 0
+
+    # Final declines, in the order the decision ladder checks them.
+    TERMINAL_NOT_ALLOWED = 16  # terminal inactive, or this operation is not for its kind
+    UNKNOWN_CARD = 17  # no card with this uid
+    CARD_NOT_ACTIVE = 18  # blocked, lost, stolen, expired or replaced
+    SERVICE_NOT_ALLOWED = 19  # no tariff for this card's profile at this service
+    INVALID_AMOUNT = 20  # top-up amount outside the allowed range
+    BALANCE_LIMIT = 21  # the top-up would take the balance above its ceiling
+    ORIGINAL_NOT_FOUND = 22  # reversal names a sequence this terminal never had approved
+    REVERSAL_WINDOW_EXPIRED = 23  # reversal arrived too late
+    ALREADY_REVERSED = 24  # the original was already reversed
+    INSUFFICIENT_FUNDS = 25  # available balance minus fare would go below the floor
+
+    # Not decisions about the card.
+    BUSY_RETRY = 64  # not decided: retry later with the SAME sequence number
+    SEQUENCE_REUSED = 65  # this sequence was used before with different content
+    PROTOCOL_ERROR = 66  # the request was well framed but not valid (e.g. bad field)
+
+    @property
+    def is_final(self) -> bool:
+        """True when retrying the same request cannot change the outcome."""
+        return self < ResultCode.BUSY_RETRY
+
+
+class ErrorCode(enum.IntEnum):
+    """The ``code`` byte of an ERROR frame. Every ERROR ends the connection."""
+
+    FRAME_TOO_LARGE = 1  # length prefix above MAX_FRAME_BYTES
+    FRAME_TOO_SHORT = 2  # length prefix below the header size
+    UNSUPPORTED_VERSION = 3  # header version is not 1
+    UNKNOWN_TYPE = 4  # type byte is not a known message type
+    BAD_BODY_LENGTH = 5  # body length does not match the message type
+    BAD_FLAGS = 6  # reserved flag bits set
+    NOT_AUTHENTICATED = 7  # a request arrived before the session was open
+    AUTH_FAILED = 8  # unknown or inactive terminal, or a wrong proof
+    UNEXPECTED_MESSAGE = 9  # a valid message at the wrong moment (e.g. HELLO twice)
+    HANDSHAKE_TIMEOUT = 10  # the session was not open within the handshake deadline
+    IDLE_TIMEOUT = 11  # nothing received within the idle deadline
+    TOO_MANY_IN_FLIGHT = 12  # more unanswered requests than the per-connection limit
+    SHUTTING_DOWN = 13  # the engine is stopping; reconnect later
+    INTERNAL = 14  # a bug in the engine; the incident is logged
+    BAD_FIELD = 15  # a field holds a value the protocol forbids
+
+
+class CardStatus(enum.IntEnum):
+    """Card lifecycle, stored in ``cards.status``."""
+
+    ACTIVE = 0
+    BLOCKED = 1
+    LOST = 2
+    STOLEN = 3
+    REPLACED = 4
+    EXPIRED = 5
+
+
+class TerminalKind(enum.IntEnum):
+    """What a terminal may send. Stored in ``terminals.kind``."""
+
+    VALIDATOR = 0  # bus validators and gates: TAP, REVERSAL
+    KIOSK = 1  # kiosks and ATMs: TAP, TOPUP, REVERSAL
+
+
+class OperationKind(enum.IntEnum):
+    """The request a tap record answers. Stored in ``taps.kind``."""
+
+    TAP = 0
+    TOPUP = 1
+    REVERSAL = 2

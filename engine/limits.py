@@ -1,0 +1,105 @@
+"""Every limit of the engine, in one place, with the reason for its value.
+
+A limit that is not here is a bug: queues, batches, buffers and deadlines all
+have an upper bound so that a flood or a slow peer costs a known amount of
+memory and time. Protocol constants that a terminal must know (frame sizes)
+are repeated in ``docs/protocol.md``; the fast path carries the same values
+and ``tests/test_codes.py`` checks them.
+"""
+
+from __future__ import annotations
+
+# --- Wire -----------------------------------------------------------------
+
+PROTOCOL_VERSION = 1
+
+# Bytes of the length prefix plus the fixed header (version, type, flags,
+# request id). The length prefix counts what follows it, so the smallest legal
+# length value is FRAME_HEADER_BYTES - 4.
+FRAME_HEADER_BYTES = 12
+
+# The largest frame, length prefix included. v1 messages are at most ~60 bytes;
+# 16 KiB leaves room for list transfers in later message types while keeping a
+# hostile length prefix from making the engine allocate more than this per
+# connection.
+MAX_FRAME_BYTES = 16 * 1024
+
+# An ERROR frame's text is a short hint for the vendor's logs, not a document.
+ERROR_TEXT_MAX_BYTES = 200
+
+# Nonces in the handshake: 128 bits, enough that two sessions never share one.
+NONCE_BYTES = 16
+
+# HMAC-SHA256 output.
+PROOF_BYTES = 32
+
+# --- Connections ------------------------------------------------------------
+
+# Gijón has a few hundred terminals; 10,000 covers a region with headroom while
+# bounding file descriptors and per-connection buffers (~16 KiB each).
+MAX_CONNECTIONS = 10_000
+
+# A terminal may pipeline requests; more than this unanswered on one
+# connection is a misbehaving client. 256 x ~40-byte replies bounds what one
+# connection can make the engine hold.
+MAX_IN_FLIGHT_PER_CONNECTION = 256
+
+# HELLO -> AUTH_OK must finish within this. A real terminal needs two round
+# trips (a few ms); 5 s tolerates a slow mobile link, and stops a peer that
+# opens connections and says nothing from holding them.
+HANDSHAKE_DEADLINE_S = 5.0
+
+# A session with nothing received for this long is closed. Terminals PING
+# every 30 s when idle (see docs/protocol.md), so 90 s is three missed pings.
+IDLE_TIMEOUT_S = 90.0
+
+# Reply bytes buffered for a connection before the engine stops reading from
+# it (transport back-pressure): 64 KiB is ~1,500 TAP_RESULTs.
+WRITE_HIGH_WATER_BYTES = 64 * 1024
+
+# --- Group commit -------------------------------------------------------------
+
+# Most taps in one database transaction. At ~2 us of SQL work per tap, 4,096
+# taps keep one commit around 10 ms, within the latency objective, while
+# amortising the fsync over thousands of taps at peak.
+BATCH_TAPS_MAX = 4096
+
+# Decisions waiting for the writer (queued plus in flight). Beyond this the
+# engine answers BUSY_RETRY at once instead of queueing without bound:
+# four full batches is ~40 ms of work at peak.
+WRITER_QUEUE_MAX = 4 * BATCH_TAPS_MAX
+
+# After a failed commit the writer retries the database with exponential
+# backoff between these bounds, so a dead database costs a few connection
+# attempts a second, not a busy loop.
+WRITER_RETRY_MIN_S = 0.05
+WRITER_RETRY_MAX_S = 2.0
+
+# --- Exactly once ---------------------------------------------------------------
+
+# Final results remembered per terminal to answer retries without the
+# database. A terminal retries within seconds; 512 covers minutes of a busy
+# validator. Older sequences are answered from the taps table.
+RECENT_RESULTS_PER_TERMINAL = 512
+
+# --- Money ----------------------------------------------------------------------
+
+# Largest single top-up (cents): 500 EUR, the city's kiosk limit.
+TOPUP_MAX_CENTS = 50_000
+
+# Largest stored value on one card (cents): 1,000 EUR.
+BALANCE_MAX_CENTS = 100_000
+
+# A reversal must arrive within this many seconds of the original's record
+# time: long enough for a driver to cancel a wrong validation, short enough
+# that a reversal cannot be used to refund a finished journey.
+REVERSAL_WINDOW_S = 600
+
+# --- Database -------------------------------------------------------------------
+
+# Connections used besides the writer's own: state loading, retry look-ups,
+# status queries. Retry look-ups are rare, so four is plenty.
+DB_POOL_MAX = 4
+
+# A statement that takes longer than this is treated as a database fault.
+DB_COMMAND_TIMEOUT_S = 30.0

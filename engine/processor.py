@@ -1,0 +1,355 @@
+"""From a request to its durable answer: exactly once, in memory first.
+
+For every TAP, TOPUP and REVERSAL the processor
+
+1. validates the fields the protocol leaves to the engine (ranges that the
+   record can store), answering PROTOCOL_ERROR at once;
+2. looks the idempotency key ``(terminal_id, terminal_seq)`` up: a request
+   still pending gets the reply of the original when it commits, a recent
+   final one gets its stored result at once, the same key with other content
+   gets SEQUENCE_REUSED;
+3. for a sequence the engine may have recorded before (at or below the
+   terminal's highest sequence, e.g. after a restart), reads the record from
+   the database instead of deciding again: this is the rare slow path;
+4. otherwise decides synchronously with the decision ladder and hands the
+   decision to the batch writer, or answers BUSY_RETRY at once when the
+   writer has no room or the database is unavailable.
+
+When a batch's outcome is known the processor applies it to the in-memory
+balances (or undoes the pending amounts) and answers every waiting terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import asyncpg
+
+from engine.codes import OperationKind, ResultCode
+from engine.decision import NO_ACCOUNT, Decision, ReplyTarget, request_fingerprint
+from engine.ladder import TAP_FLAGS_KNOWN, Original, decide_reversal, decide_tap, decide_topup
+from engine.limits import RECENT_RESULTS_PER_TERMINAL, REVERSAL_WINDOW_S
+from engine.state import CityState, InvariantError, Terminal, now_ms
+from engine.writer import BatchWriter
+
+log = logging.getLogger("citycard.processor")
+
+# Fields the record stores as signed 64-bit integers.
+INT64_MAX = (1 << 63) - 1
+
+# Event times the record accepts: 2000-01-01 .. 2100-01-01 UTC. A terminal
+# clock outside this range is broken; its taps are refused rather than
+# recorded with a time nobody can use.
+EVENT_TIME_MIN_MS = 946_684_800_000
+EVENT_TIME_MAX_MS = 4_102_444_800_000
+
+_TAP = OperationKind.TAP
+_TOPUP = OperationKind.TOPUP
+_REVERSAL = OperationKind.REVERSAL
+
+_LOOKUP_SQL = (
+    "SELECT kind, card_uid, card_counter, tap_flags, requested_cents, original_seq,"
+    " (extract(epoch FROM event_time) * 1000)::int8 AS event_ms,"
+    " (extract(epoch FROM recorded_at) * 1000)::int8 AS recorded_ms,"
+    " result, amount_cents, balance_cents, service_id, account_id"
+    " FROM taps WHERE terminal_id = $1 AND terminal_seq = $2"
+)
+_REVERSED_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM taps WHERE terminal_id = $1 AND original_seq = $2 AND kind = 2 AND result = 0)"
+)
+
+Fingerprint = tuple[int, int, int, int, int, int, int | None]
+ResultCounter = Callable[[Decision], None]
+
+
+class Processor:
+    """Decides requests and routes their answers. One per engine."""
+
+    def __init__(self, state: CityState, pool: asyncpg.Pool | None) -> None:
+        self.state = state
+        self.pool = pool
+        self.writer: BatchWriter | None = None
+        self._pending: dict[tuple[int, int], Decision] = {}
+        self._recent: dict[int, dict[int, Decision]] = {}
+        self._lookups: dict[tuple[int, int], list[tuple[ReplyTarget, int, Fingerprint]]] = {}
+        self._reversing: set[tuple[int, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Replies are buffered per target and flushed once per batch or per
+        # received chunk, so one write() carries many replies.
+        self.dirty: set[ReplyTarget] = set()
+        self.on_result: ResultCounter | None = None
+        self.on_immediate: Callable[[int], None] | None = None
+        self.reversal_window_ms = REVERSAL_WINDOW_S * 1000
+
+    def attach(self, writer: BatchWriter) -> None:
+        self.writer = writer
+
+    # --- intake -----------------------------------------------------------
+
+    def submit(
+        self,
+        target: ReplyTarget,
+        request_id: int,
+        terminal: Terminal,
+        kind: int,
+        terminal_seq: int,
+        card_uid: int,
+        card_counter: int,
+        tap_flags: int,
+        requested: int,
+        original_seq: int | None,
+        event_time_ms: int,
+    ) -> None:
+        """Take one request; its answer goes to ``target.deliver_result``."""
+        if (
+            terminal_seq > INT64_MAX
+            or card_uid > INT64_MAX
+            or (original_seq is not None and original_seq > INT64_MAX)
+            or tap_flags & ~TAP_FLAGS_KNOWN
+            or not EVENT_TIME_MIN_MS <= event_time_ms <= EVENT_TIME_MAX_MS
+        ):
+            self._answer_now(target, request_id, terminal_seq, ResultCode.PROTOCOL_ERROR)
+            return
+        key = (terminal.id, terminal_seq)
+        fingerprint = request_fingerprint(
+            kind, card_uid if kind != _REVERSAL else 0, card_counter, tap_flags, requested, event_time_ms, original_seq
+        )
+        pending = self._pending.get(key)
+        if pending is not None:
+            if pending.fingerprint() != fingerprint:
+                self._answer_now(target, request_id, terminal_seq, ResultCode.SEQUENCE_REUSED)
+            else:
+                pending.waiters.append((target, request_id))
+            return
+        recent = self._recent.get(terminal.id)
+        if recent is not None:
+            final = recent.get(terminal_seq)
+            if final is not None:
+                self._answer_final(final, target, request_id, fingerprint)
+                return
+        waiting = self._lookups.get(key)
+        if waiting is not None:
+            waiting.append((target, request_id, fingerprint))
+            return
+        decision = Decision(
+            terminal.id,
+            terminal_seq,
+            kind,
+            card_uid,
+            card_counter,
+            tap_flags,
+            requested,
+            original_seq,
+            event_time_ms,
+            now_ms(),
+            terminal.service_id,
+        )
+        if terminal_seq <= terminal.high_seq or kind == _REVERSAL:
+            # Slow path: the record may already hold this sequence (a retry
+            # after a restart, or an old one), or the decision needs it.
+            self._lookups[key] = [(target, request_id, fingerprint)]
+            self._spawn(self._decide_from_record(terminal, decision))
+            return
+        writer = self.writer
+        if writer is None or not writer.has_room():
+            self._answer_now(target, request_id, terminal_seq, ResultCode.BUSY_RETRY)
+            return
+        if kind == _TAP:
+            decide_tap(self.state, terminal, decision)
+        else:
+            decide_topup(self.state, terminal, decision)
+        terminal.high_seq = terminal_seq
+        decision.waiters.append((target, request_id))
+        self._pending[key] = decision
+        writer.submit(decision)
+
+    # --- slow path ----------------------------------------------------------
+
+    def _spawn(self, coroutine: object) -> None:
+        task = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _decide_from_record(self, terminal: Terminal, decision: Decision) -> None:
+        key = (terminal.id, decision.terminal_seq)
+        try:
+            recorded = await self._read_record(terminal.id, decision.terminal_seq)
+            original: Original | None = None
+            already_reversed = False
+            original_key = (terminal.id, decision.original_seq or 0)
+            if recorded is None and decision.kind == _REVERSAL:
+                if original_key in self._pending or original_key in self._reversing:
+                    # The original or another reversal of it is not durable
+                    # yet: its outcome decides ours.
+                    self._finish_lookup(key, None, ResultCode.BUSY_RETRY)
+                    return
+                original, already_reversed = await self._read_original(terminal.id, original_key[1])
+        except Exception as error:  # noqa: BLE001 - the database is unavailable in some way
+            log.warning("record look-up for terminal %d seq %d failed: %r", terminal.id, decision.terminal_seq, error)
+            self._finish_lookup(key, None, ResultCode.BUSY_RETRY)
+            return
+        if recorded is not None:
+            self._remember(recorded)
+            self._finish_lookup(key, recorded, None)
+            return
+        writer = self.writer
+        if writer is None or not writer.has_room():
+            self._finish_lookup(key, None, ResultCode.BUSY_RETRY)
+            return
+        if original_key in self._pending or original_key in self._reversing:
+            self._finish_lookup(key, None, ResultCode.BUSY_RETRY)
+            return
+        decision.recorded_ms = now_ms()
+        if decision.kind == _TAP:
+            decide_tap(self.state, terminal, decision)
+        elif decision.kind == _TOPUP:
+            decide_topup(self.state, terminal, decision)
+        else:
+            decide_reversal(self.state, terminal, decision, original, already_reversed, self.reversal_window_ms)
+            if decision.result == ResultCode.APPROVED:
+                self._reversing.add(original_key)
+        terminal.high_seq = max(terminal.high_seq, decision.terminal_seq)
+        waiters = self._lookups.pop(key)
+        mine = decision.fingerprint()
+        for target, request_id, fingerprint in waiters:
+            if fingerprint == mine:
+                decision.waiters.append((target, request_id))
+            else:
+                self._answer_now(target, request_id, decision.terminal_seq, ResultCode.SEQUENCE_REUSED)
+        self.flush()
+        self._pending[key] = decision
+        writer.submit(decision)
+
+    def _finish_lookup(self, key: tuple[int, int], final: Decision | None, result: int | None) -> None:
+        for target, request_id, fingerprint in self._lookups.pop(key, ()):
+            if final is not None:
+                self._answer_final(final, target, request_id, fingerprint)
+            else:
+                self._answer_now(target, request_id, key[1], result or ResultCode.BUSY_RETRY)
+        self.flush()
+
+    async def _read_record(self, terminal_id: int, terminal_seq: int) -> Decision | None:
+        if self.pool is None:
+            return None
+        row = await self.pool.fetchrow(_LOOKUP_SQL, terminal_id, terminal_seq)
+        if row is None:
+            return None
+        decision = Decision(
+            terminal_id,
+            terminal_seq,
+            row["kind"],
+            row["card_uid"],
+            row["card_counter"],
+            row["tap_flags"],
+            row["requested_cents"],
+            row["original_seq"],
+            row["event_ms"],
+            row["recorded_ms"],
+            row["service_id"],
+        )
+        decision.result = row["result"]
+        decision.amount = row["amount_cents"]
+        decision.balance = row["balance_cents"]
+        return decision
+
+    async def _read_original(self, terminal_id: int, original_seq: int) -> tuple[Original | None, bool]:
+        if self.pool is None:
+            return None, False
+        row = await self.pool.fetchrow(_LOOKUP_SQL, terminal_id, original_seq)
+        if row is None or row["result"] != ResultCode.APPROVED or row["account_id"] is None:
+            return None, False
+        original = Original(
+            row["kind"], row["card_uid"], row["amount_cents"], row["account_id"], row["recorded_ms"], row["service_id"]
+        )
+        reversed_ = await self.pool.fetchval(_REVERSED_SQL, terminal_id, original_seq)
+        return original, bool(reversed_)
+
+    # --- answers ---------------------------------------------------------------
+
+    def _answer_final(self, final: Decision, target: ReplyTarget, request_id: int, fingerprint: Fingerprint) -> None:
+        if final.fingerprint() != fingerprint:
+            self._answer_now(target, request_id, final.terminal_seq, ResultCode.SEQUENCE_REUSED)
+            return
+        target.deliver_result(request_id, final.terminal_seq, final.result, final.amount, final.balance)
+        self.dirty.add(target)
+
+    def _answer_now(self, target: ReplyTarget, request_id: int, terminal_seq: int, result: int) -> None:
+        target.deliver_result(request_id, terminal_seq, result, 0, 0)
+        self.dirty.add(target)
+        if self.on_immediate is not None:
+            self.on_immediate(result)
+
+    def flush(self) -> None:
+        """Write out every buffered reply (one write per connection)."""
+        dirty = self.dirty
+        if dirty:
+            for target in dirty:
+                flush = getattr(target, "flush", None)
+                if flush is not None:
+                    flush()
+            dirty.clear()
+
+    def _remember(self, decision: Decision) -> None:
+        recent = self._recent.get(decision.terminal_id)
+        if recent is None:
+            recent = self._recent[decision.terminal_id] = {}
+        recent[decision.terminal_seq] = decision
+        if len(recent) > RECENT_RESULTS_PER_TERMINAL:
+            del recent[next(iter(recent))]
+
+    # --- batch outcomes -----------------------------------------------------------
+
+    def batch_done(self, batch: list[Decision], committed: bool) -> None:
+        """Called by the writer once a batch's outcome is certain."""
+        state = self.state
+        balance = state.balance
+        floor = state.floor
+        pending_debit = state.pending_debit
+        pending_credit = state.pending_credit
+        pending = self._pending
+        dirty = self.dirty
+        on_result = self.on_result
+        for d in batch:
+            pending.pop((d.terminal_id, d.terminal_seq), None)
+            if d.kind == _REVERSAL and d.result == ResultCode.APPROVED:
+                self._reversing.discard((d.terminal_id, d.original_seq or 0))
+            amount = d.amount if d.result == ResultCode.APPROVED else 0
+            card = d.card_account
+            if amount:
+                card_pays = d.source == card
+                if card_pays:
+                    pending_debit[card] -= amount
+                else:
+                    pending_credit[card] -= amount
+                if committed:
+                    source = d.source
+                    balance[source] -= amount
+                    balance[d.target] += amount
+                    if balance[source] < floor[source]:
+                        raise InvariantError(
+                            f"account {state.account_id[source]} below its floor after commit of {d!r}"
+                        )
+            if committed:
+                self._remember(d)
+                if on_result is not None:
+                    on_result(d)
+                for target, request_id in d.waiters:
+                    target.deliver_result(request_id, d.terminal_seq, d.result, d.amount, d.balance)
+                    dirty.add(target)
+            else:
+                for target, request_id in d.waiters:
+                    target.deliver_result(request_id, d.terminal_seq, ResultCode.BUSY_RETRY, 0, 0)
+                    dirty.add(target)
+                if self.on_immediate is not None:
+                    self.on_immediate(ResultCode.BUSY_RETRY)
+        self.flush()
+
+    async def drain(self) -> None:
+        """Wait for slow-path tasks (used at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+__all__ = ["Processor", "NO_ACCOUNT"]

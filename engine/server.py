@@ -1,0 +1,173 @@
+"""The engine's lifecycle: load the city, start the writer, listen, stop.
+
+>>> async def main():                                      # doctest: +SKIP
+...     engine = Engine(EngineConfig(dsn="postgresql://...", listen_port=0))
+...     await engine.start()
+...     print(engine.port)
+...     await engine.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from pathlib import Path
+
+import asyncpg
+import msgspec
+
+from engine.db import create_pool
+from engine.keys import load_master_key
+from engine.limits import BATCH_TAPS_MAX, DB_COMMAND_TIMEOUT_S, HANDSHAKE_DEADLINE_S, IDLE_TIMEOUT_S, WRITER_QUEUE_MAX
+from engine.metrics import EngineMetrics
+from engine.migrate import migrate
+from engine.processor import Processor
+from engine.session import SessionContext, SessionLimits, TerminalSession
+from engine.state import CityState, load_state
+from engine.writer import BatchWriter, next_batch_id
+
+log = logging.getLogger("citycard.server")
+
+# How long stop() waits for in-flight batches before closing anyway.
+SHUTDOWN_DRAIN_S = 10.0
+
+
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything an engine run needs. ``listen_port=0`` picks a free port."""
+
+    dsn: str
+    data_dir: str = "var"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 7700
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    batch_taps_max: int = BATCH_TAPS_MAX
+    writer_queue_max: int = WRITER_QUEUE_MAX
+    handshake_deadline_s: float = HANDSHAKE_DEADLINE_S
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    migrate: bool = True
+
+
+class EngineStartError(Exception):
+    """The engine cannot start: configuration or environment fault, with a clear message."""
+
+
+class Engine:
+    """One engine: the single writer of the city's state."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.state: CityState | None = None
+        self.processor: Processor | None = None
+        self.writer: BatchWriter | None = None
+        self.metrics = EngineMetrics()
+        self.context: SessionContext | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        master_key = load_master_key(Path(config.data_dir))
+        self._pool = await create_pool(config.dsn)
+        async with self._pool.acquire() as conn:
+            if config.migrate:
+                await migrate(conn)
+            state = await load_state(conn)
+            first_batch_id = await next_batch_id(conn)
+        self.state = state
+        processor = self.processor = Processor(state, self._pool)
+        writer = self.writer = BatchWriter(
+            config.dsn,
+            state,
+            processor.batch_done,
+            next_batch_id=first_batch_id,
+            batch_taps_max=config.batch_taps_max,
+            queue_max=max(config.writer_queue_max, config.batch_taps_max),
+            on_commit_metrics=self.metrics.observe_commit,
+        )
+        processor.attach(writer)
+        processor.on_result = self.metrics.count_decision
+        processor.on_immediate = self.metrics.count_immediate
+        self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
+        self._writer_task.add_done_callback(self._writer_ended)
+        limits = SessionLimits(handshake_deadline_s=config.handshake_deadline_s, idle_timeout_s=config.idle_timeout_s)
+        context = self.context = SessionContext(state=state, processor=processor, master_key=master_key, limits=limits)
+        self._register_gauges()
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: TerminalSession(context), config.listen_host, config.listen_port, backlog=1024
+            )
+        except OSError as error:
+            await self._abort()
+            if error.errno == errno.EADDRINUSE:
+                raise EngineStartError(f"port {config.listen_host}:{config.listen_port} is already in use") from None
+            raise EngineStartError(f"cannot listen on {config.listen_host}:{config.listen_port}: {error}") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+        if config.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
+            except OSError as error:
+                await self.stop()
+                raise EngineStartError(
+                    f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {error}"
+                ) from None
+        log.info(
+            "engine started",
+            extra={"port": self.port, "cards": state.card_count(), "terminals": len(state.terminals)},
+        )
+
+    def _register_gauges(self) -> None:
+        metrics = self.metrics
+        writer = self.writer
+        context = self.context
+        state = self.state
+        assert writer is not None and context is not None and state is not None
+        metrics.gauge("citycard_writer_queue_depth", "Decisions queued or in flight.", writer.depth)
+        metrics.gauge("citycard_writer_healthy", "1 when the writer can commit.", lambda: float(writer.healthy))
+        metrics.gauge(
+            "citycard_connections_open", "Open terminal connections.", lambda: context.counters.connections_open
+        )
+        metrics.gauge("citycard_cards_loaded", "Cards held in memory.", state.card_count)
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A writer that died leaves decisions unanswered: this is fatal.
+            log.critical("batch writer stopped", exc_info=task.exception())
+
+    async def stop(self) -> None:
+        """Stop accepting, answer what is pending, close every connection."""
+        if self.context is not None:
+            self.context.accepting = False
+        if self._server is not None:
+            self._server.close()
+        if self.processor is not None:
+            await self.processor.drain()
+        if self.writer is not None and self._writer_task is not None:
+            await self.writer.stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer_task), SHUTDOWN_DRAIN_S)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - shutting down regardless
+                self._writer_task.cancel()
+            await self.writer.close()
+        if self.context is not None:
+            for session in list(self.context.sessions):
+                session.flush()
+                session.shut_down()
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self._abort()
+
+    async def _abort(self) -> None:
+        if self._writer_task is not None and not self._writer_task.done():
+            self._writer_task.cancel()
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), DB_COMMAND_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - the database may be gone already
+                self._pool.terminate()
+            self._pool = None

@@ -1,0 +1,300 @@
+"""One terminal connection: framing, the handshake, limits, replies.
+
+States: AWAIT_HELLO -> AWAIT_AUTH -> OPEN. Any protocol fault sends one
+ERROR frame and closes this connection only. Replies are buffered and written
+once per received chunk or per committed batch, so a pipelining terminal gets
+many replies per system call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from dataclasses import dataclass, field
+
+from engine import fastpath
+from engine.codes import ErrorCode, MessageType, OperationKind
+from engine.keys import derive_terminal_key
+from engine.limits import (
+    HANDSHAKE_DEADLINE_S,
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    MAX_IN_FLIGHT_PER_CONNECTION,
+    NONCE_BYTES,
+    WRITE_HIGH_WATER_BYTES,
+)
+from engine.processor import Processor
+from engine.state import CityState, Terminal, now_ms
+
+log = logging.getLogger("citycard.session")
+
+AWAIT_HELLO = 0
+AWAIT_AUTH = 1
+OPEN = 2
+
+# Types only the engine sends; a terminal sending one is confused.
+_ENGINE_ONLY = frozenset(
+    {MessageType.CHALLENGE, MessageType.AUTH_OK, MessageType.TAP_RESULT, MessageType.ERROR}
+)
+
+_TAP = MessageType.TAP
+_TOPUP = MessageType.TOPUP
+_REVERSAL = MessageType.REVERSAL
+_PING = MessageType.PING
+
+
+@dataclass
+class SessionLimits:
+    """Per-connection deadlines and bounds; tests shorten them."""
+
+    handshake_deadline_s: float = HANDSHAKE_DEADLINE_S
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    max_in_flight: int = MAX_IN_FLIGHT_PER_CONNECTION
+    max_connections: int = MAX_CONNECTIONS
+
+
+@dataclass
+class SessionCounters:
+    """What sessions count; the metrics module exports these."""
+
+    connections_open: int = 0
+    connections_total: int = 0
+    connections_rejected: int = 0
+    auth_failures: int = 0
+    protocol_errors: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class SessionContext:
+    """What every session shares."""
+
+    state: CityState
+    processor: Processor
+    master_key: bytes
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    counters: SessionCounters = field(default_factory=SessionCounters)
+    sessions: set[TerminalSession] = field(default_factory=set)
+    accepting: bool = True
+
+
+class TerminalSession(asyncio.Protocol):
+    """The engine's side of one terminal connection."""
+
+    def __init__(self, context: SessionContext) -> None:
+        self._context = context
+        self._processor = context.processor
+        self._reader = fastpath.FrameReader()
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._state = AWAIT_HELLO
+        self._closed = False
+        self._in_flight = 0
+        self._terminal: Terminal | None = None
+        self._hello: tuple[int, int, bytes] | None = None
+        self._server_nonce = b""
+        self._last_received = 0.0
+        self._deadline: asyncio.TimerHandle | None = None
+        self.peer = "?"
+
+    # --- asyncio.Protocol -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        context = self._context
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not context.accepting or len(context.sessions) >= context.limits.max_connections:
+            context.counters.connections_rejected += 1
+            code = ErrorCode.SHUTTING_DOWN if not context.accepting else ErrorCode.INTERNAL
+            text = "engine is stopping" if not context.accepting else "too many connections"
+            transport.write(fastpath.encode_error(0, code, text))
+            transport.close()
+            self._closed = True
+            return
+        context.sessions.add(self)
+        context.counters.connections_open += 1
+        context.counters.connections_total += 1
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        loop = asyncio.get_running_loop()
+        self._last_received = loop.time()
+        self._deadline = loop.call_later(context.limits.handshake_deadline_s, self._check_deadline)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self in self._context.sessions:
+            self._context.sessions.discard(self)
+            self._context.counters.connections_open -= 1
+        self._closed = True
+        self._transport = None
+        self._out.clear()
+
+    def pause_writing(self) -> None:
+        # The peer reads slower than we answer: stop taking its requests
+        # until it catches up, so its replies cannot pile up without bound.
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._last_received = asyncio.get_running_loop().time()
+        frames = self._reader.feed(data)
+        for msg_type, request_id, body in frames:
+            if self._closed:
+                return
+            try:
+                self._dispatch(msg_type, request_id, body)
+            except fastpath.ProtocolError as error:
+                self.fail(error.code, str(error), request_id)
+                return
+        if self._reader.error is not None and not self._closed:
+            error = self._reader.error
+            self.fail(error.code, str(error), error.request_id)
+            return
+        self._processor.flush()
+        self.flush()
+
+    # --- messages -----------------------------------------------------------------
+
+    def _dispatch(self, msg_type: int, request_id: int, body: bytes) -> None:
+        if msg_type == _TAP or msg_type == _TOPUP or msg_type == _REVERSAL:
+            if self._state != OPEN:
+                self.fail(ErrorCode.NOT_AUTHENTICATED, "request before the session is open", request_id)
+                return
+            if self._in_flight >= self._context.limits.max_in_flight:
+                self.fail(
+                    ErrorCode.TOO_MANY_IN_FLIGHT,
+                    f"more than {self._context.limits.max_in_flight} unanswered requests",
+                    request_id,
+                )
+                return
+            terminal = self._terminal
+            assert terminal is not None
+            self._in_flight += 1
+            if msg_type == _TAP:
+                seq, uid, counter, event_ms, flags = fastpath.decode_tap(body)
+                self._processor.submit(
+                    self, request_id, terminal, OperationKind.TAP, seq, uid, counter, flags, 0, None, event_ms
+                )
+            elif msg_type == _TOPUP:
+                seq, uid, amount, event_ms = fastpath.decode_topup(body)
+                self._processor.submit(
+                    self, request_id, terminal, OperationKind.TOPUP, seq, uid, 0, 0, amount, None, event_ms
+                )
+            else:
+                seq, original, event_ms = fastpath.decode_reversal(body)
+                self._processor.submit(
+                    self, request_id, terminal, OperationKind.REVERSAL, seq, 0, 0, 0, 0, original, event_ms
+                )
+        elif msg_type == _PING:
+            self._out.append(fastpath.encode_pong(request_id, fastpath.decode_ping(body)))
+        elif msg_type == MessageType.HELLO:
+            self._on_hello(request_id, body)
+        elif msg_type == MessageType.AUTH:
+            self._on_auth(request_id, body)
+        elif msg_type == MessageType.PONG:
+            pass  # an answer to a PING of ours; nothing to do
+        elif msg_type in _ENGINE_ONLY:
+            self.fail(ErrorCode.UNEXPECTED_MESSAGE, f"message type 0x{msg_type:02x} is sent by the engine", request_id)
+        else:  # the reader admits only known types; this is a bug
+            self.fail(ErrorCode.INTERNAL, f"unhandled message type 0x{msg_type:02x}", request_id)
+
+    def _on_hello(self, request_id: int, body: bytes) -> None:
+        if self._state != AWAIT_HELLO:
+            self.fail(ErrorCode.UNEXPECTED_MESSAGE, "HELLO after the handshake started", request_id)
+            return
+        self._hello = fastpath.decode_hello(body)
+        self._server_nonce = os.urandom(NONCE_BYTES)
+        self._state = AWAIT_AUTH
+        self._out.append(fastpath.encode_challenge(request_id, self._server_nonce))
+
+    def _on_auth(self, request_id: int, body: bytes) -> None:
+        if self._state != AWAIT_AUTH or self._hello is None:
+            self.fail(ErrorCode.UNEXPECTED_MESSAGE, "AUTH without a preceding HELLO", request_id)
+            return
+        proof = fastpath.decode_auth(body)
+        terminal_id, key_version, client_nonce = self._hello
+        terminal = self._context.state.terminals.get(terminal_id)
+        # Compute the proof even for an unknown terminal so that the answer
+        # takes the same time whether or not the id exists.
+        key = derive_terminal_key(self._context.master_key, terminal_id, key_version)
+        expected = fastpath.terminal_proof(key, terminal_id, key_version, client_nonce, self._server_nonce)
+        valid = hmac.compare_digest(proof, expected)
+        if terminal is None or not terminal.active or terminal.key_version != key_version or not valid:
+            self._context.counters.auth_failures += 1
+            log.warning(
+                "authentication failed",
+                extra={"terminal_id": terminal_id, "key_version": key_version, "peer": self.peer},
+            )
+            self.fail(ErrorCode.AUTH_FAILED, "authentication failed", request_id)
+            return
+        self._terminal = terminal
+        self._state = OPEN
+        engine_proof = fastpath.engine_proof(key, terminal_id, key_version, client_nonce, self._server_nonce)
+        self._out.append(fastpath.encode_auth_ok(request_id, engine_proof, now_ms()))
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._schedule_idle_check()
+
+    # --- replies ---------------------------------------------------------------------
+
+    def deliver_result(self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int) -> None:
+        """Queue a TAP_RESULT; written by flush()."""
+        if self._closed:
+            return  # the terminal will retry with the same sequence
+        self._in_flight -= 1
+        self._out.append(fastpath.encode_tap_result(request_id, terminal_seq, result, amount, balance))
+
+    def flush(self) -> None:
+        if self._out and self._transport is not None and not self._closed:
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def fail(self, code: int, text: str, request_id: int = 0) -> None:
+        """Send ERROR and close this connection, keeping replies already due."""
+        if self._closed:
+            return
+        counters = self._context.counters
+        counters.protocol_errors[code] = counters.protocol_errors.get(code, 0) + 1
+        log.info("protocol error", extra={"code": int(code), "error": text, "peer": self.peer})
+        self._out.append(fastpath.encode_error(request_id, code, text))
+        self.flush()
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- deadlines ----------------------------------------------------------------------
+
+    def _check_deadline(self) -> None:
+        self._deadline = None
+        if self._state != OPEN and not self._closed:
+            self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "session not open within the handshake deadline")
+
+    def _schedule_idle_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self._context.limits.idle_timeout_s
+        due = self._last_received + idle
+        self._deadline = loop.call_at(due, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._deadline = None
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_received >= self._context.limits.idle_timeout_s:
+            self.fail(ErrorCode.IDLE_TIMEOUT, "nothing received within the idle deadline")
+        else:
+            self._schedule_idle_check()
+
+    def shut_down(self) -> None:
+        """Tell the terminal the engine is stopping, then close."""
+        self.fail(ErrorCode.SHUTTING_DOWN, "engine is stopping")

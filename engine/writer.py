@@ -1,0 +1,326 @@
+"""Group commit: one task writes every decision to PostgreSQL in batches.
+
+Decisions queue up while a commit is in flight; when it ends, everything
+waiting (up to BATCH_TAPS_MAX) goes in the next one. There is no timer: at
+low load a batch holds one tap and commits at once, at high load batches grow
+by themselves and the cost of each fsync is shared by thousands of taps.
+
+A batch is ONE SQL statement (data-modifying CTEs over unnest'ed arrays),
+run outside an explicit transaction, so it is atomic and costs one round
+trip. It inserts the batch marker, the tap records, the ledger transfers and
+entries, and updates each touched account once, in account-id order.
+
+After a failure the outcome of the batch may be unknown (the connection died
+during the commit). The writer never guesses: it reconnects, with backoff,
+until it can read whether the batch's marker row exists, and only then
+reports the batch as committed or not. Meanwhile it reports itself unhealthy
+so new requests are answered BUSY_RETRY at once instead of queueing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+from engine.decision import NO_ACCOUNT, Decision
+from engine.limits import (
+    BATCH_TAPS_MAX,
+    DB_COMMAND_TIMEOUT_S,
+    WRITER_QUEUE_MAX,
+    WRITER_RETRY_MAX_S,
+    WRITER_RETRY_MIN_S,
+)
+from engine.state import CityState
+
+log = logging.getLogger("citycard.writer")
+
+# Transfer ids are batch_id * TRANSFERS_PER_BATCH_MAX + k: a batch holds one
+# transfer per (ledger kind, service), at most 3 kinds x 64 services.
+TRANSFERS_PER_BATCH_MAX = 1024
+
+_COMMIT_SQL = """
+WITH
+  batch AS (
+    INSERT INTO batches (id, taps) VALUES ($1, $2)
+  ),
+  tap AS (
+    INSERT INTO taps (terminal_id, terminal_seq, kind, card_uid, card_counter, tap_flags,
+                      requested_cents, original_seq, event_time, recorded_at, result,
+                      amount_cents, balance_cents, service_id, account_id, batch_id)
+    SELECT u.terminal_id, u.seq, u.kind, u.uid, u.counter, u.flags, u.requested, u.original,
+           timestamptz 'epoch' + u.event_ms * interval '1 millisecond',
+           timestamptz 'epoch' + u.recorded_ms * interval '1 millisecond',
+           u.result, u.amount, u.balance, u.service_id, u.account_id, $1
+    FROM unnest($3::int4[], $4::int8[], $5::int2[], $6::int8[], $7::int8[], $8::int2[],
+                $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int2[], $14::int8[],
+                $15::int8[], $16::int2[], $17::int8[])
+      AS u(terminal_id, seq, kind, uid, counter, flags, requested, original, event_ms,
+           recorded_ms, result, amount, balance, service_id, account_id)
+  ),
+  account AS (
+    UPDATE accounts SET balance_cents = accounts.balance_cents + d.delta
+    FROM unnest($18::int8[], $19::int8[]) AS d(id, delta)
+    WHERE accounts.id = d.id
+  ),
+  transfer AS (
+    INSERT INTO ledger_transfers (id, batch_id, kind, service_id)
+    SELECT x.id, $1, x.kind, x.service_id
+    FROM unnest($20::int8[], $21::int2[], $22::int2[]) AS x(id, kind, service_id)
+  ),
+  entry AS (
+    INSERT INTO ledger_entries (transfer_id, account_id, amount_cents)
+    SELECT * FROM unnest($23::int8[], $24::int8[], $25::int8[])
+  )
+SELECT 1
+"""
+
+_BATCH_EXISTS_SQL = "SELECT EXISTS (SELECT 1 FROM batches WHERE id = $1)"
+
+BatchDone = Callable[[list[Decision], bool], None]
+
+
+def batch_arguments(batch_id: int, batch: Sequence[Decision], state: CityState) -> tuple[object, ...]:
+    """Build the commit statement's arguments: column arrays and aggregates."""
+    account_ids = state.account_id
+    terminal_ids: list[int] = []
+    seqs: list[int] = []
+    kinds: list[int] = []
+    uids: list[int] = []
+    counters: list[int] = []
+    flags: list[int] = []
+    requested: list[int] = []
+    originals: list[int | None] = []
+    event_ms: list[int] = []
+    recorded_ms: list[int] = []
+    results: list[int] = []
+    amounts: list[int] = []
+    balances: list[int] = []
+    services: list[int] = []
+    accounts: list[int | None] = []
+    deltas: dict[int, int] = {}
+    # (ledger kind, service) -> {account position: cents}
+    transfers: dict[tuple[int, int], dict[int, int]] = {}
+    for d in batch:
+        terminal_ids.append(d.terminal_id)
+        seqs.append(d.terminal_seq)
+        kinds.append(d.kind)
+        uids.append(d.card_uid)
+        counters.append(d.card_counter)
+        flags.append(d.tap_flags)
+        requested.append(d.requested)
+        originals.append(d.original_seq)
+        event_ms.append(d.event_time_ms)
+        recorded_ms.append(d.recorded_ms)
+        results.append(d.result)
+        amounts.append(d.amount)
+        balances.append(d.balance)
+        services.append(d.service_id)
+        accounts.append(account_ids[d.card_account] if d.card_account != NO_ACCOUNT else None)
+        amount = d.amount
+        if amount and d.result == 0:
+            source = d.source
+            target = d.target
+            deltas[source] = deltas.get(source, 0) - amount
+            deltas[target] = deltas.get(target, 0) + amount
+            entries = transfers.get((d.ledger_kind, d.service_id))
+            if entries is None:
+                entries = transfers[(d.ledger_kind, d.service_id)] = {}
+            entries[source] = entries.get(source, 0) - amount
+            entries[target] = entries.get(target, 0) + amount
+    # Each account once, in id order: a stable lock order for the UPDATE.
+    delta_items = sorted((account_ids[p], delta) for p, delta in deltas.items() if delta)
+    transfer_ids: list[int] = []
+    transfer_kinds: list[int] = []
+    transfer_services: list[int] = []
+    entry_transfers: list[int] = []
+    entry_accounts: list[int] = []
+    entry_amounts: list[int] = []
+    for number, ((kind, service), entries) in enumerate(sorted(transfers.items())):
+        nonzero = [(account_ids[p], cents) for p, cents in entries.items() if cents]
+        if not nonzero:
+            continue  # e.g. a fare and its refund in the same batch
+        transfer_id = batch_id * TRANSFERS_PER_BATCH_MAX + number
+        transfer_ids.append(transfer_id)
+        transfer_kinds.append(kind)
+        transfer_services.append(service)
+        for account_id, cents in sorted(nonzero):
+            entry_transfers.append(transfer_id)
+            entry_accounts.append(account_id)
+            entry_amounts.append(cents)
+    return (
+        batch_id,
+        len(batch),
+        terminal_ids,
+        seqs,
+        kinds,
+        uids,
+        counters,
+        flags,
+        requested,
+        originals,
+        event_ms,
+        recorded_ms,
+        results,
+        amounts,
+        balances,
+        services,
+        accounts,
+        [item[0] for item in delta_items],
+        [item[1] for item in delta_items],
+        transfer_ids,
+        transfer_kinds,
+        transfer_services,
+        entry_transfers,
+        entry_accounts,
+        entry_amounts,
+    )
+
+
+class BatchWriter:
+    """Owns the writer connection and commits queued decisions in batches.
+
+    ``on_done(batch, committed)`` is called once per batch, after its outcome
+    is known for certain.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        state: CityState,
+        on_done: BatchDone,
+        *,
+        next_batch_id: int,
+        batch_taps_max: int = BATCH_TAPS_MAX,
+        queue_max: int = WRITER_QUEUE_MAX,
+        on_commit_metrics: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if batch_taps_max < 1 or queue_max < batch_taps_max:
+            raise ValueError("need 1 <= batch_taps_max <= queue_max")
+        self._dsn = dsn
+        self._state = state
+        self._on_done = on_done
+        self._on_commit_metrics = on_commit_metrics
+        self._batch_taps_max = batch_taps_max
+        self._queue_max = queue_max
+        self._queue: list[Decision] = []
+        self._in_flight = 0
+        self._wakeup = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+        self._next_batch_id = next_batch_id
+        self._stopping = False
+        self.healthy = True
+        self.last_commit_unix: float = 0.0
+        self.batches_committed = 0
+        self.batches_failed = 0
+
+    # --- intake -----------------------------------------------------------
+
+    def depth(self) -> int:
+        """Decisions queued or in flight."""
+        return len(self._queue) + self._in_flight
+
+    def has_room(self) -> bool:
+        """False when a new decision must be answered BUSY_RETRY instead."""
+        return self.healthy and not self._stopping and len(self._queue) + self._in_flight < self._queue_max
+
+    def submit(self, decision: Decision) -> None:
+        self._queue.append(decision)
+        self._wakeup.set()
+
+    # --- the loop -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Commit batches until stop() and the queue is empty."""
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    break
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._queue[: self._batch_taps_max]
+            del self._queue[: self._batch_taps_max]
+            self._in_flight = len(batch)
+            try:
+                committed = await self._commit(batch)
+            finally:
+                self._in_flight = 0
+            self._on_done(batch, committed)
+
+    async def stop(self) -> None:
+        """Let the queue drain, then close the connection."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close(timeout=5)
+            self._conn = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self._dsn, timeout=DB_COMMAND_TIMEOUT_S, command_timeout=None)
+        return self._conn
+
+    async def _commit(self, batch: list[Decision]) -> bool:
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        arguments = batch_arguments(batch_id, batch, self._state)
+        started = time.perf_counter()
+        try:
+            conn = await self._connection()
+            await conn.execute(_COMMIT_SQL, *arguments, timeout=DB_COMMAND_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - every failure is resolved the same way
+            log.warning("batch %d of %d decisions failed: %r; resolving its outcome", batch_id, len(batch), error)
+            self.healthy = False
+            await self._drop_connection()
+            committed = await self._resolve(batch_id)
+            if committed:
+                log.warning("batch %d was committed before the failure", batch_id)
+                self._committed(len(batch), started)
+            else:
+                self.batches_failed += 1
+            self.healthy = True
+            return committed
+        self._committed(len(batch), started)
+        return True
+
+    def _committed(self, size: int, started: float) -> None:
+        self.batches_committed += 1
+        self.last_commit_unix = time.time()
+        if self._on_commit_metrics is not None:
+            self._on_commit_metrics(size, time.perf_counter() - started)
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def _resolve(self, batch_id: int) -> bool:
+        """Find out, for certain, whether a batch committed. Retries forever:
+        guessing either way could lose or duplicate money."""
+        delay = WRITER_RETRY_MIN_S
+        while True:
+            try:
+                conn = await self._connection()
+                exists = await conn.fetchval(_BATCH_EXISTS_SQL, batch_id, timeout=DB_COMMAND_TIMEOUT_S)
+                return bool(exists)
+            except Exception as error:  # noqa: BLE001 - the database is unavailable in some way
+                log.warning("cannot resolve batch %d yet: %r; retrying in %.2fs", batch_id, error, delay)
+                await self._drop_connection()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WRITER_RETRY_MAX_S)
+
+
+async def next_batch_id(conn: asyncpg.Connection) -> int:
+    """The first batch id this engine run may use: above every batch and
+    transfer already written, so ids are never reused across restarts."""
+    row = await conn.fetchrow(
+        "SELECT coalesce((SELECT max(id) FROM batches), 0) AS batch,"
+        " coalesce((SELECT max(id) FROM ledger_transfers), 0) AS transfer"
+    )
+    return max(row["batch"], row["transfer"] // TRANSFERS_PER_BATCH_MAX) + 1
