@@ -1,0 +1,142 @@
+"""The same (terminal, sequence) is decided once, whatever the path back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from engine.codes import ResultCode
+from tests.city import BUS_FARE, BUS_VALIDATOR, KIOSK, EngineUnderTest, add_card, balance_of, check_books, create_city
+from tests.city import running_engine as start_engine
+
+
+@pytest.fixture(scope="module")
+def city_dsn(db_dsn: str) -> str:
+    async def build() -> None:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            await create_city(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(build())
+    return db_dsn
+
+
+@pytest.fixture
+async def conn(city_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(city_dsn)
+    yield connection
+    await connection.close()
+
+
+def fresh_seq() -> int:
+    return time.time_ns() // 1000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def taps_recorded(conn: asyncpg.Connection, seq: int) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM taps WHERE terminal_id = $1 AND terminal_seq = $2", BUS_VALIDATOR, seq
+        )
+    )
+
+
+async def test_retry_on_same_connection(city_dsn: str, tmp_path: Path, conn: asyncpg.Connection) -> None:
+    card = await add_card(conn, balance=1000)
+    async with start_engine(city_dsn, tmp_path) as engine:
+        client = await engine.client()
+        seq, when = fresh_seq(), now_ms()
+        first = await client.tap(seq, card.uid, event_time_ms=when)
+        again = await client.tap(seq, card.uid, event_time_ms=when)
+    assert first == again
+    assert first.result == ResultCode.APPROVED
+    assert await balance_of(conn, card.account_id) == 1000 - BUS_FARE
+    assert await taps_recorded(conn, seq) == 1
+
+
+async def test_duplicates_in_flight_share_one_decision(
+    city_dsn: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    card = await add_card(conn, balance=1000)
+    async with start_engine(city_dsn, tmp_path) as engine:
+        client = await engine.client()
+        seq, when = fresh_seq(), now_ms()
+        results = await asyncio.gather(*(client.tap(seq, card.uid, event_time_ms=when) for _ in range(20)))
+    assert len(set(results)) == 1 and results[0].result == ResultCode.APPROVED
+    assert await balance_of(conn, card.account_id) == 1000 - BUS_FARE
+
+
+async def test_retry_on_new_connection(city_dsn: str, tmp_path: Path, conn: asyncpg.Connection) -> None:
+    card = await add_card(conn, balance=1000)
+    async with start_engine(city_dsn, tmp_path) as engine:
+        seq, when = fresh_seq(), now_ms()
+        first_client = await engine.client()
+        first = await first_client.tap(seq, card.uid, event_time_ms=when)
+        await first_client.close()
+        second_client = await engine.client()
+        again = await second_client.tap(seq, card.uid, event_time_ms=when)
+    assert first == again
+    assert await balance_of(conn, card.account_id) == 1000 - BUS_FARE
+
+
+async def test_retry_after_engine_restart(city_dsn: str, tmp_path: Path, conn: asyncpg.Connection) -> None:
+    card = await add_card(conn, balance=1000)
+    seq, when = fresh_seq(), now_ms()
+    async with start_engine(city_dsn, tmp_path) as engine:
+        first = await (await engine.client()).tap(seq, card.uid, event_time_ms=when)
+    async with start_engine(city_dsn, tmp_path) as engine:
+        client = await engine.client()
+        again = await client.tap(seq, card.uid, event_time_ms=when)
+        reused = await client.tap(seq, card.uid, event_time_ms=when + 1)
+        # A sequence never used before, but below the terminal's highest one,
+        # is decided normally after the record says it is new.
+        late = await client.tap(seq - 1, card.uid, event_time_ms=when)
+    assert first == again
+    assert reused.result == ResultCode.SEQUENCE_REUSED
+    assert late.result == ResultCode.APPROVED
+    assert await balance_of(conn, card.account_id) == 1000 - 2 * BUS_FARE
+    assert await taps_recorded(conn, seq) == 1
+    await check_books(conn)
+
+
+async def test_decline_is_remembered_too(city_dsn: str, tmp_path: Path, conn: asyncpg.Connection) -> None:
+    """A retry gets the original decline even if the card could pay now."""
+    card = await add_card(conn, balance=BUS_FARE - 1)
+    seq, when = fresh_seq(), now_ms()
+    async with start_engine(city_dsn, tmp_path) as engine:
+        first = await (await engine.client()).tap(seq, card.uid, event_time_ms=when)
+        kiosk_seq = fresh_seq()
+        topped = await (await engine.client(KIOSK)).topup(kiosk_seq, card.uid, 1000)
+        again = await (await engine.client()).tap(seq, card.uid, event_time_ms=when)
+    assert topped.result == ResultCode.APPROVED
+    assert first.result == again.result == ResultCode.INSUFFICIENT_FUNDS
+    assert await balance_of(conn, card.account_id) == BUS_FARE - 1 + 1000
+
+
+async def test_engine_under_test_restart_keeps_balances(
+    city_dsn: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    card = await add_card(conn, balance=1000)
+    engine = EngineUnderTest(city_dsn, tmp_path)
+    await engine.start()
+    try:
+        client = await engine.client()
+        base = fresh_seq()
+        for i in range(3):
+            assert (await client.tap(base + i, card.uid)).result == ResultCode.APPROVED
+        await engine.restart()
+        client = await engine.client()
+        result = await client.tap(fresh_seq(), card.uid)
+    finally:
+        await engine.stop()
+    assert result.balance_cents == 1000 - 4 * BUS_FARE
