@@ -359,9 +359,9 @@ SELECT
   (SELECT count(*) FROM taps WHERE result = 0) AS approved,
   (SELECT count(*) FROM batches) AS batches,
   (SELECT max(committed_at) FROM batches) AS last_commit,
-  (SELECT coalesce(sum(balance_cents), 0) FROM accounts WHERE kind = 0) AS card_balances_cents,
-  (SELECT coalesce(sum(balance_cents), 0) FROM accounts) AS all_balances_cents,
-  (SELECT coalesce(sum(amount_cents), 0) FROM ledger_entries) AS ledger_sum_cents,
+  (SELECT coalesce(sum(balance_cents), 0)::int8 FROM accounts WHERE kind = 0) AS card_balances_cents,
+  (SELECT coalesce(sum(balance_cents), 0)::int8 FROM accounts) AS all_balances_cents,
+  (SELECT coalesce(sum(amount_cents), 0)::int8 FROM ledger_entries) AS ledger_sum_cents,
   (SELECT count(*) FROM accounts a WHERE a.balance_cents <> coalesce(
       (SELECT sum(e.amount_cents) FROM ledger_entries e WHERE e.account_id = a.id), 0)) AS accounts_off_ledger
 """

@@ -2,7 +2,7 @@
 
 These are the public names of the protocol (see ``docs/protocol.md``). The
 compiled fast path and its pure twin carry the same numbers as module
-constants; ``tests/test_codes.py`` checks that the three never drift apart.
+constants; ``tests/test_codec.py`` checks that the three never drift apart.
 
 Result codes are ordered by precedence: when several declines apply to one
 request, the lowest code wins, exactly as the decision ladder checks them.

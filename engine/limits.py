@@ -4,7 +4,7 @@ A limit that is not here is a bug: queues, batches, buffers and deadlines all
 have an upper bound so that a flood or a slow peer costs a known amount of
 memory and time. Protocol constants that a terminal must know (frame sizes)
 are repeated in ``docs/protocol.md``; the fast path carries the same values
-and ``tests/test_codes.py`` checks them.
+and ``tests/test_codec.py`` checks them.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import cast
 
 from engine import fastpath
 from engine.codes import ErrorCode, MessageType, OperationKind
@@ -101,7 +102,8 @@ class TerminalSession(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         context = self._context
         peer = transport.get_extra_info("peername")

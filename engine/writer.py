@@ -7,7 +7,8 @@ by themselves and the cost of each fsync is shared by thousands of taps.
 
 A batch is ONE SQL statement (data-modifying CTEs over unnest'ed arrays),
 run outside an explicit transaction, so it is atomic and costs one round
-trip. It inserts the batch marker, the tap records, the ledger transfers and
+trip. Batches are capped by count (BATCH_TAPS_MAX); every row has a fixed
+size (about 150 bytes of arguments per tap), so the count caps the bytes too. It inserts the batch marker, the tap records, the ledger transfers and
 entries, and updates each touched account once, in account-id order.
 
 After a failure the outcome of the batch may be unknown (the connection died
@@ -37,6 +38,11 @@ from engine.limits import (
 from engine.state import CityState
 
 log = logging.getLogger("citycard.writer")
+
+# Connecting is the first thing a batch does after a failure; a database
+# that does not answer within this is treated as unavailable (BUSY_RETRY)
+# rather than holding the batch's terminals.
+WRITER_CONNECT_TIMEOUT_S = 5.0
 
 # Transfer ids are batch_id * TRANSFERS_PER_BATCH_MAX + k: a batch holds one
 # transfer per (ledger kind, service), at most 3 kinds x 64 services.
@@ -216,6 +222,7 @@ class BatchWriter:
         self.last_commit_unix: float = 0.0
         self.batches_committed = 0
         self.batches_failed = 0
+        self.connections_opened = 0
 
     # --- intake -----------------------------------------------------------
 
@@ -235,7 +242,21 @@ class BatchWriter:
 
     async def run(self) -> None:
         """Commit batches until stop() and the queue is empty."""
+        delay = WRITER_RETRY_MIN_S
         while True:
+            if not self.healthy:
+                # The database was unreachable: probe it with backoff, and
+                # answer what is queued BUSY_RETRY rather than hold it.
+                if await self._try_connect() is None:
+                    self._fail_queue()
+                    if self._stopping:
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, WRITER_RETRY_MAX_S)
+                    continue
+                log.info("database reachable again")
+                self.healthy = True
+                delay = WRITER_RETRY_MIN_S
             if not self._queue:
                 if self._stopping:
                     break
@@ -251,6 +272,13 @@ class BatchWriter:
                 self._in_flight = 0
             self._on_done(batch, committed)
 
+    def _fail_queue(self) -> None:
+        if self._queue:
+            batch = self._queue
+            self._queue = []
+            self.batches_failed += 1
+            self._on_done(batch, False)
+
     async def stop(self) -> None:
         """Let the queue drain, then close the connection."""
         self._stopping = True
@@ -263,16 +291,30 @@ class BatchWriter:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._dsn, timeout=DB_COMMAND_TIMEOUT_S, command_timeout=None)
+            self._conn = await asyncpg.connect(self._dsn, timeout=WRITER_CONNECT_TIMEOUT_S, command_timeout=None)
+            self.connections_opened += 1
         return self._conn
 
+    async def _try_connect(self) -> asyncpg.Connection | None:
+        try:
+            return await self._connection()
+        except Exception as error:  # noqa: BLE001 - any failure to connect means "unavailable"
+            log.warning("database unavailable: %r", error)
+            await self._drop_connection()
+            return None
+
     async def _commit(self, batch: list[Decision]) -> bool:
+        conn = await self._try_connect()
+        if conn is None:
+            # Nothing was sent: the batch certainly did not commit.
+            self.healthy = False
+            self.batches_failed += 1
+            return False
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         arguments = batch_arguments(batch_id, batch, self._state)
         started = time.perf_counter()
         try:
-            conn = await self._connection()
             await conn.execute(_COMMIT_SQL, *arguments, timeout=DB_COMMAND_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - every failure is resolved the same way
             log.warning("batch %d of %d decisions failed: %r; resolving its outcome", batch_id, len(batch), error)

@@ -10,3 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 CITYCARD_REQUIRE_EXTENSION=1 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# Tools run from the venv find each other (cython-lint runs pycodestyle).
+export PATH="$PWD/.venv/bin:$PATH"

@@ -1,0 +1,1455 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The byte-level wire codec of protocol v1 and the per-tap decision, compiled.
+
+This module turns bytes from a terminal's TCP stream into frames and fields,
+and fields back into frames, exactly as ``docs/protocol.md`` specifies. It is
+the hot path of every connection, so it is Cython: big-endian integers are
+assembled from a ``const unsigned char*`` without the ``struct`` module, and
+frames are split without copying the stream more than once.
+
+It knows nothing of asyncio, the database or metrics, and imports nothing
+from the rest of ``engine``: the numbers it needs are repeated below as
+module constants with the names and values of ``engine/codes.py`` and
+``engine/limits.py`` (``tests/test_codec.py`` checks that they agree).
+
+``engine/_fastpath_py.py`` is its pure-Python twin: same API, same
+behaviour, same exception types and the same error text. Import the codec
+through ``engine.fastpath``, which picks one of the two.
+
+Below the codec is the per-tap decision fast path: the ``Decision`` record
+and the decision ladder (``decide_tap``, ``decide_topup``,
+``decide_reversal``), which read and write the city's column arrays in place
+through raw pointers, each index checked once.
+
+Every read of untrusted bytes goes through ``_take()``, the one
+bounds-checked primitive; the unchecked big-endian helpers are only ever
+applied to a pointer that ``_take()`` returned.
+
+Example::
+
+    >>> reader = FrameReader()
+    >>> reader.feed(encode_ping(7, 42))
+    [(32, 7, b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00*')]
+"""
+
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING,
+    PyByteArray_FromStringAndSize,
+    PyByteArray_GET_SIZE,
+)
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython cimport array
+from cpython.object cimport Py_SIZE
+from cpython.ref cimport PyObject
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+cimport cython
+
+import array
+
+import hmac as _hmac
+
+__all__ = [
+    "BODY_SIZES",
+    "ENGINE_PROOF_LABEL",
+    "ERROR_BODY_MIN_BYTES",
+    "ERROR_TEXT_MAX_BYTES",
+    "ERR_AUTH_FAILED",
+    "ERR_BAD_BODY_LENGTH",
+    "ERR_BAD_FIELD",
+    "ERR_BAD_FLAGS",
+    "ERR_FRAME_TOO_LARGE",
+    "ERR_FRAME_TOO_SHORT",
+    "ERR_HANDSHAKE_TIMEOUT",
+    "ERR_IDLE_TIMEOUT",
+    "ERR_INTERNAL",
+    "ERR_NOT_AUTHENTICATED",
+    "ERR_SHUTTING_DOWN",
+    "ERR_TOO_MANY_IN_FLIGHT",
+    "ERR_UNEXPECTED_MESSAGE",
+    "ERR_UNKNOWN_TYPE",
+    "ERR_UNSUPPORTED_VERSION",
+    "FRAME_HEADER_BYTES",
+    "LENGTH_PREFIX_BYTES",
+    "MAX_FRAME_BYTES",
+    "MIN_FRAME_LENGTH",
+    "MSG_AUTH",
+    "MSG_AUTH_OK",
+    "MSG_CHALLENGE",
+    "MSG_ERROR",
+    "MSG_HELLO",
+    "MSG_PING",
+    "MSG_PONG",
+    "MSG_REVERSAL",
+    "MSG_TAP",
+    "MSG_TAP_RESULT",
+    "MSG_TOPUP",
+    "NONCE_BYTES",
+    "PROOF_BYTES",
+    "PROTOCOL_VERSION",
+    "RESULT_ALREADY_REVERSED",
+    "RESULT_APPROVED",
+    "RESULT_BALANCE_LIMIT",
+    "RESULT_BUSY_RETRY",
+    "RESULT_CARD_NOT_ACTIVE",
+    "RESULT_INSUFFICIENT_FUNDS",
+    "RESULT_INVALID_AMOUNT",
+    "RESULT_ORIGINAL_NOT_FOUND",
+    "RESULT_PROTOCOL_ERROR",
+    "RESULT_REVERSAL_WINDOW_EXPIRED",
+    "RESULT_SEQUENCE_REUSED",
+    "RESULT_SERVICE_NOT_ALLOWED",
+    "RESULT_TERMINAL_NOT_ALLOWED",
+    "RESULT_UNKNOWN_CARD",
+    "TERMINAL_KEY_BYTES",
+    "TERMINAL_PROOF_LABEL",
+    "FrameReader",
+    "ProtocolError",
+    "decode_auth",
+    "decode_auth_ok",
+    "decode_challenge",
+    "decode_error",
+    "decode_hello",
+    "decode_ping",
+    "decode_pong",
+    "decode_reversal",
+    "decode_tap",
+    "decode_tap_result",
+    "decode_topup",
+    "encode_auth",
+    "encode_auth_ok",
+    "encode_challenge",
+    "encode_error",
+    "encode_hello",
+    "encode_ping",
+    "encode_pong",
+    "encode_reversal",
+    "encode_tap",
+    "encode_tap_result",
+    "encode_topup",
+    "engine_proof",
+    "terminal_proof",
+    # The per-tap decision fast path.
+    "CARD_STATUS_ACTIVE",
+    "LEDGER_FARE",
+    "LEDGER_OPENING",
+    "LEDGER_REVERSAL",
+    "LEDGER_TOPUP",
+    "NO_ACCOUNT",
+    "NO_FARE",
+    "OPERATION_REVERSAL",
+    "OPERATION_TAP",
+    "OPERATION_TOPUP",
+    "TAP_FLAGS_KNOWN",
+    "TAP_FLAG_EXIT",
+    "TOPUP_MAX_CENTS",
+    "Decision",
+    "Original",
+    "decide_reversal",
+    "decide_tap",
+    "decide_topup",
+    "request_fingerprint",
+]
+
+
+# =============================================================================
+# Constants. `cpdef enum` makes each name both a C constant (free to use in
+# the hot path) and a plain int attribute of the module (for Python callers).
+# =============================================================================
+
+cpdef enum:
+    # Wire limits, as in engine/limits.py.
+    PROTOCOL_VERSION = 1
+    FRAME_HEADER_BYTES = 12  # length prefix + version, type, flags, request id
+    MAX_FRAME_BYTES = 16384  # largest frame, length prefix included
+    ERROR_TEXT_MAX_BYTES = 200  # an ERROR's text is a hint for logs
+    NONCE_BYTES = 16
+    PROOF_BYTES = 32  # HMAC-SHA256 output
+    # Derived from the frame layout in docs/protocol.md.
+    LENGTH_PREFIX_BYTES = 4
+    # The length prefix counts what follows it: the smallest legal value is
+    # the rest of the header with an empty body.
+    MIN_FRAME_LENGTH = FRAME_HEADER_BYTES - LENGTH_PREFIX_BYTES
+    ERROR_BODY_MIN_BYTES = 3  # code u8 + text_length u16
+    TERMINAL_KEY_BYTES = 32  # provisioned by the card office
+
+cpdef enum:
+    # Message types (engine.codes.MessageType).
+    MSG_HELLO = 0x01
+    MSG_CHALLENGE = 0x02
+    MSG_AUTH = 0x03
+    MSG_AUTH_OK = 0x04
+    MSG_TAP = 0x10
+    MSG_TOPUP = 0x11
+    MSG_REVERSAL = 0x12
+    MSG_TAP_RESULT = 0x13
+    MSG_PING = 0x20
+    MSG_PONG = 0x21
+    MSG_ERROR = 0x7F
+
+cpdef enum:
+    # Result codes (engine.codes.ResultCode), lowest wins.
+    RESULT_APPROVED = 0
+    RESULT_TERMINAL_NOT_ALLOWED = 16
+    RESULT_UNKNOWN_CARD = 17
+    RESULT_CARD_NOT_ACTIVE = 18
+    RESULT_SERVICE_NOT_ALLOWED = 19
+    RESULT_INVALID_AMOUNT = 20
+    RESULT_BALANCE_LIMIT = 21
+    RESULT_ORIGINAL_NOT_FOUND = 22
+    RESULT_REVERSAL_WINDOW_EXPIRED = 23
+    RESULT_ALREADY_REVERSED = 24
+    RESULT_INSUFFICIENT_FUNDS = 25
+    RESULT_BUSY_RETRY = 64
+    RESULT_SEQUENCE_REUSED = 65
+    RESULT_PROTOCOL_ERROR = 66
+
+cpdef enum:
+    # ERROR frame codes (engine.codes.ErrorCode).
+    ERR_FRAME_TOO_LARGE = 1
+    ERR_FRAME_TOO_SHORT = 2
+    ERR_UNSUPPORTED_VERSION = 3
+    ERR_UNKNOWN_TYPE = 4
+    ERR_BAD_BODY_LENGTH = 5
+    ERR_BAD_FLAGS = 6
+    ERR_NOT_AUTHENTICATED = 7
+    ERR_AUTH_FAILED = 8
+    ERR_UNEXPECTED_MESSAGE = 9
+    ERR_HANDSHAKE_TIMEOUT = 10
+    ERR_IDLE_TIMEOUT = 11
+    ERR_TOO_MANY_IN_FLIGHT = 12
+    ERR_SHUTTING_DOWN = 13
+    ERR_INTERNAL = 14
+    ERR_BAD_FIELD = 15
+
+cdef enum:
+    # Fixed body sizes, from the per-type tables of docs/protocol.md.
+    _HELLO_BODY = 22  # terminal_id u32, key_version u16, client_nonce
+    _CHALLENGE_BODY = 16  # server_nonce
+    _AUTH_BODY = 32  # proof
+    _AUTH_OK_BODY = 40  # engine_proof, engine_time_ms u64
+    _TAP_BODY = 29  # seq u64, uid u64, counter u32, time u64, flags u8
+    _TOPUP_BODY = 28  # seq u64, uid u64, amount u32, time u64
+    _REVERSAL_BODY = 24  # seq u64, original_seq u64, time u64
+    _TAP_RESULT_BODY = 21  # seq u64, result u8, amount i32, balance i64
+    _PING_BODY = 8  # payload u64
+    # _body_size() answers for a type that is not a message type at all, and
+    # for ERROR, whose body size depends on its text_length field.
+    _UNKNOWN_TYPE = -1
+    _VARIABLE_SIZE = -2
+    # FrameReader._frame_size() outcomes besides a frame size.
+    _NEED_MORE = -1
+    _VIOLATION = -2
+
+# The fixed body size of every message type but ERROR (see ERROR_BODY_MIN_BYTES).
+BODY_SIZES = {
+    MSG_HELLO: _HELLO_BODY,
+    MSG_CHALLENGE: _CHALLENGE_BODY,
+    MSG_AUTH: _AUTH_BODY,
+    MSG_AUTH_OK: _AUTH_OK_BODY,
+    MSG_TAP: _TAP_BODY,
+    MSG_TOPUP: _TOPUP_BODY,
+    MSG_REVERSAL: _REVERSAL_BODY,
+    MSG_TAP_RESULT: _TAP_RESULT_BODY,
+    MSG_PING: _PING_BODY,
+    MSG_PONG: _PING_BODY,
+}
+
+# Names for error text only: the hot path switches on the numbers.
+_TYPE_NAMES = {
+    MSG_HELLO: "HELLO",
+    MSG_CHALLENGE: "CHALLENGE",
+    MSG_AUTH: "AUTH",
+    MSG_AUTH_OK: "AUTH_OK",
+    MSG_TAP: "TAP",
+    MSG_TOPUP: "TOPUP",
+    MSG_REVERSAL: "REVERSAL",
+    MSG_TAP_RESULT: "TAP_RESULT",
+    MSG_PING: "PING",
+    MSG_PONG: "PONG",
+    MSG_ERROR: "ERROR",
+}
+
+# Labels that keep a terminal proof from ever being replayed as an engine
+# proof (and vice versa): same key, same transcript, different messages.
+TERMINAL_PROOF_LABEL = b"citycard/v1/terminal-proof"
+ENGINE_PROOF_LABEL = b"citycard/v1/engine-proof"
+
+# Integer field bounds as Python ints, so that range checks compare against
+# cached objects instead of building them per call.
+_U8_MAX = 0xFF
+_U16_MAX = 0xFFFF
+_U32_MAX = 0xFFFFFFFF
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+_I32_MIN = -(1 << 31)
+_I32_MAX = (1 << 31) - 1
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+class ProtocolError(Exception):
+    """A frame-level violation of the protocol by the peer.
+
+    ``code`` is the ErrorCode to send back in an ERROR frame, ``request_id``
+    the offending frame's request id when its header could be read (else 0),
+    and ``str(error)`` a short hint for logs. Misuse of this API by the
+    engine itself raises ValueError or TypeError instead.
+
+    >>> ProtocolError(ERR_BAD_FLAGS, "reserved flags 0x0001 set", 9).code
+    6
+    """
+
+    def __init__(self, code, message, request_id=0):
+        Exception.__init__(self, message)
+        self.code = code
+        self.request_id = request_id
+
+    def __reduce__(self):
+        return (type(self), (self.code, str(self), self.request_id))
+
+    def __repr__(self):
+        return (
+            f"ProtocolError(code={self.code!r}, message={str(self)!r}, "
+            f"request_id={self.request_id!r})"
+        )
+
+
+# =============================================================================
+# Reading untrusted bytes
+# =============================================================================
+
+cdef inline const unsigned char* _take(
+    const unsigned char* data, Py_ssize_t size, Py_ssize_t offset,
+    Py_ssize_t count,
+) except NULL:
+    """Return data + offset after checking that count bytes are there.
+
+    The one bounds-checked read of the module. Callers check lengths before,
+    with a protocol-level message; reaching the raise means a codec bug, and
+    a bug must never read past a buffer.
+    """
+    if offset < 0 or count < 0 or count > size - offset:
+        raise ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"insufficient data: requested {count} bytes at offset {offset},"
+            f" {size - offset} remaining",
+        )
+    return data + offset
+
+
+# Unchecked big-endian loads, only for pointers returned by _take(). Written
+# byte by byte so they are independent of alignment and host byte order;
+# compilers turn them into a single load and byte swap.
+
+cdef inline uint16_t _be16(const unsigned char* p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | <uint16_t>p[1]
+
+
+cdef inline uint32_t _be32(const unsigned char* p) noexcept nogil:
+    return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16)
+            | (<uint32_t>p[2] << 8) | <uint32_t>p[3])
+
+
+cdef inline uint64_t _be64(const unsigned char* p) noexcept nogil:
+    return (<uint64_t>_be32(p) << 32) | <uint64_t>_be32(p + 4)
+
+
+cdef inline void _put16(unsigned char* p, uint16_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 8)
+    p[1] = <unsigned char>v
+
+
+cdef inline void _put32(unsigned char* p, uint32_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+
+
+cdef inline void _put64(unsigned char* p, uint64_t v) noexcept nogil:
+    _put32(p, <uint32_t>(v >> 32))
+    _put32(p + 4, <uint32_t>v)
+
+
+cdef inline bytes _as_bytes(object value, str name):
+    """Accept any bytes-like value (asyncio gives bytes; tests may not)."""
+    if type(value) is bytes:
+        return <bytes>value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
+
+
+cdef inline Py_ssize_t _body_size(int msg_type) noexcept nogil:
+    if msg_type == MSG_HELLO:
+        return _HELLO_BODY
+    if msg_type == MSG_CHALLENGE:
+        return _CHALLENGE_BODY
+    if msg_type == MSG_AUTH:
+        return _AUTH_BODY
+    if msg_type == MSG_AUTH_OK:
+        return _AUTH_OK_BODY
+    if msg_type == MSG_TAP:
+        return _TAP_BODY
+    if msg_type == MSG_TOPUP:
+        return _TOPUP_BODY
+    if msg_type == MSG_REVERSAL:
+        return _REVERSAL_BODY
+    if msg_type == MSG_TAP_RESULT:
+        return _TAP_RESULT_BODY
+    if msg_type == MSG_PING or msg_type == MSG_PONG:
+        return _PING_BODY
+    if msg_type == MSG_ERROR:
+        return _VARIABLE_SIZE
+    return _UNKNOWN_TYPE
+
+
+cdef object _body_length_error(
+    int msg_type, Py_ssize_t body_length, uint32_t request_id,
+):
+    """The ProtocolError for a fixed-size body of the wrong length."""
+    return ProtocolError(
+        ERR_BAD_BODY_LENGTH,
+        f"{_TYPE_NAMES[msg_type]} body length {body_length},"
+        f" expected {_body_size(msg_type)}",
+        request_id,
+    )
+
+
+cdef object _error_body_error(
+    const unsigned char* body, Py_ssize_t available, Py_ssize_t body_length,
+    uint32_t request_id,
+):
+    """Check an ERROR body's size against its text_length field.
+
+    ``body`` holds ``available`` bytes of a body that will be ``body_length``
+    long. Returns None when valid, the ProtocolError otherwise; raises
+    nothing, so the reader can record the error and keep earlier frames.
+    """
+    cdef uint16_t text_length
+    if (body_length < ERROR_BODY_MIN_BYTES
+            or body_length > ERROR_BODY_MIN_BYTES + ERROR_TEXT_MAX_BYTES):
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"ERROR body length {body_length}, expected"
+            f" {ERROR_BODY_MIN_BYTES}..{ERROR_BODY_MIN_BYTES + ERROR_TEXT_MAX_BYTES}",
+            request_id,
+        )
+    if available < ERROR_BODY_MIN_BYTES:
+        return None  # text_length not here yet; the reader waits for it
+    text_length = _be16(_take(body, available, 1, 2))
+    if text_length > ERROR_TEXT_MAX_BYTES:
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"ERROR text length {text_length} above maximum"
+            f" {ERROR_TEXT_MAX_BYTES}",
+            request_id,
+        )
+    if body_length != ERROR_BODY_MIN_BYTES + text_length:
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"ERROR body length {body_length}, expected"
+            f" {ERROR_BODY_MIN_BYTES} + text length {text_length}",
+            request_id,
+        )
+    return None
+
+
+# =============================================================================
+# Splitting the stream into frames
+# =============================================================================
+
+cdef class FrameReader:
+    """Incremental frame splitter for one connection.
+
+    ``feed()`` takes whatever the transport delivered and returns every
+    complete, header-valid frame as ``(msg_type, request_id, body)``. Each
+    header is checked as soon as its bytes are there: a length prefix out of
+    range is refused from its 4 bytes alone, before the body is awaited or
+    stored, so a hostile prefix costs nothing. The first violation stops the
+    reader: ``error`` holds it, the frames before it are still returned,
+    and every later ``feed()`` raises it. The reader holds at most one
+    incomplete frame (under ``max_frame_bytes``) between calls.
+
+    >>> reader = FrameReader()
+    >>> frame = encode_ping(1, 5)
+    >>> reader.feed(frame[:3]), reader.buffered()
+    ([], 3)
+    >>> reader.feed(frame[3:])[0][:2]
+    (32, 1)
+    """
+
+    cdef bytearray _pending  # the start of an incomplete frame
+    cdef uint32_t _max_length  # the largest acceptable length prefix
+    cdef readonly object error  # the first ProtocolError, then sticky
+    cdef readonly Py_ssize_t max_frame_bytes
+
+    def __init__(self, max_frame_bytes=MAX_FRAME_BYTES):
+        if not isinstance(max_frame_bytes, int):
+            raise TypeError(
+                "max_frame_bytes must be int, not"
+                f" {type(max_frame_bytes).__name__}"
+            )
+        if not FRAME_HEADER_BYTES <= max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(
+                f"max_frame_bytes {int(max_frame_bytes)} out of range"
+                f" ({FRAME_HEADER_BYTES}..{MAX_FRAME_BYTES})"
+            )
+        self.max_frame_bytes = max_frame_bytes
+        self._max_length = <uint32_t>(max_frame_bytes - LENGTH_PREFIX_BYTES)
+        self._pending = bytearray()
+        self.error = None
+
+    def buffered(self):
+        """Bytes held for an incomplete frame."""
+        return PyByteArray_GET_SIZE(self._pending)
+
+    def feed(self, data):
+        """Append ``data``; return the complete frames it finished."""
+        if self.error is not None:
+            raise self.error
+        cdef bytes chunk = _as_bytes(data, "data")
+        cdef list frames = []
+        cdef Py_ssize_t consumed, held = PyByteArray_GET_SIZE(self._pending)
+        cdef Py_ssize_t size
+        if held == 0:
+            # The common case: the chunk starts at a frame boundary. Split
+            # it in place and keep only its incomplete tail.
+            size = PyBytes_GET_SIZE(chunk)
+            consumed = self._split(
+                <const unsigned char*>PyBytes_AS_STRING(chunk), size, frames)
+            if self.error is None and consumed < size:
+                self._pending = PyByteArray_FromStringAndSize(
+                    PyBytes_AS_STRING(chunk) + consumed, size - consumed)
+        else:
+            self._pending += chunk
+            size = PyByteArray_GET_SIZE(self._pending)
+            consumed = self._split(
+                <const unsigned char*>PyByteArray_AS_STRING(self._pending),
+                size, frames)
+            if consumed:
+                # Deleting a bytearray's head is O(1) in CPython.
+                del self._pending[:consumed]
+        if self.error is not None:
+            self._pending = bytearray()  # a dead connection holds nothing
+        return frames
+
+    cdef Py_ssize_t _split(
+        self, const unsigned char* data, Py_ssize_t size, list frames,
+    ) except -1:
+        """Append every complete frame of data[:size]; return bytes used."""
+        cdef Py_ssize_t pos = 0, total
+        cdef const unsigned char* header
+        while True:
+            total = self._frame_size(data, size, pos)
+            if total < 0 or total > size - pos:
+                return pos  # need more bytes, or stopped at a violation
+            header = _take(data, size, pos, total)
+            frames.append((
+                header[5],
+                _be32(header + 8),
+                PyBytes_FromStringAndSize(
+                    <char*>header + FRAME_HEADER_BYTES,
+                    total - FRAME_HEADER_BYTES),
+            ))
+            pos += total
+
+    cdef Py_ssize_t _frame_size(
+        self, const unsigned char* data, Py_ssize_t size, Py_ssize_t pos,
+    ) except -3:
+        """Validate the frame starting at pos with what has arrived of it.
+
+        Returns its whole size (length prefix included) once every check
+        that its bytes allow has passed, _NEED_MORE when a check still waits
+        for bytes, or _VIOLATION after recording self.error.
+        """
+        cdef Py_ssize_t available = size - pos
+        cdef const unsigned char* p
+        cdef uint32_t length, request_id
+        cdef Py_ssize_t expected
+        cdef int version, msg_type, flags
+        if available < LENGTH_PREFIX_BYTES:
+            return _NEED_MORE
+        length = _be32(_take(data, size, pos, LENGTH_PREFIX_BYTES))
+        # The length is judged alone, before anything else of the frame is
+        # awaited: this is what bounds the memory a peer can make us hold.
+        if length < MIN_FRAME_LENGTH:
+            self.error = ProtocolError(
+                ERR_FRAME_TOO_SHORT,
+                f"frame length {length} below minimum {MIN_FRAME_LENGTH}",
+            )
+            return _VIOLATION
+        if length > self._max_length:
+            self.error = ProtocolError(
+                ERR_FRAME_TOO_LARGE,
+                f"frame length {length} above maximum {self._max_length}",
+            )
+            return _VIOLATION
+        if available < FRAME_HEADER_BYTES:
+            # Wait for the request id, so that the ERROR can carry it.
+            return _NEED_MORE
+        p = _take(data, size, pos, FRAME_HEADER_BYTES)
+        version = p[4]
+        msg_type = p[5]
+        flags = _be16(p + 6)
+        request_id = _be32(p + 8)
+        if version != PROTOCOL_VERSION:
+            self.error = ProtocolError(
+                ERR_UNSUPPORTED_VERSION,
+                f"unsupported protocol version {version}"
+                f" (expected {PROTOCOL_VERSION})",
+                request_id,
+            )
+            return _VIOLATION
+        expected = _body_size(msg_type)
+        if expected == _UNKNOWN_TYPE:
+            self.error = ProtocolError(
+                ERR_UNKNOWN_TYPE, f"unknown message type 0x{msg_type:02x}",
+                request_id,
+            )
+            return _VIOLATION
+        if flags != 0:
+            self.error = ProtocolError(
+                ERR_BAD_FLAGS, f"reserved flags 0x{flags:04x} set (must be 0)",
+                request_id,
+            )
+            return _VIOLATION
+        if expected == _VARIABLE_SIZE:
+            self.error = _error_body_error(
+                p + FRAME_HEADER_BYTES,
+                min(available, LENGTH_PREFIX_BYTES + length) - FRAME_HEADER_BYTES,
+                length - MIN_FRAME_LENGTH, request_id)
+            if self.error is not None:
+                return _VIOLATION
+            if available < FRAME_HEADER_BYTES + ERROR_BODY_MIN_BYTES:
+                return _NEED_MORE
+        elif length - MIN_FRAME_LENGTH != expected:
+            self.error = _body_length_error(
+                msg_type, length - MIN_FRAME_LENGTH, request_id)
+            return _VIOLATION
+        return LENGTH_PREFIX_BYTES + length
+
+
+# =============================================================================
+# Encoding. Encoders build the whole frame, length prefix included. Their
+# arguments come from the engine, not the peer: a bad one is a bug, reported
+# as ValueError/TypeError, never as a ProtocolError.
+# =============================================================================
+
+cdef int _check_unsigned(
+    str name, object value, object maximum, str kind,
+) except -1:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if value < 0 or value > maximum:
+        raise ValueError(
+            f"{name} {int(value)} out of range for {kind} (0..{maximum})")
+    return 0
+
+
+cdef int _check_signed(
+    str name, object value, object minimum, object maximum, str kind,
+) except -1:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if value < minimum or value > maximum:
+        raise ValueError(
+            f"{name} {int(value)} out of range for {kind}"
+            f" ({minimum}..{maximum})")
+    return 0
+
+
+cdef bytes _check_fixed_bytes(str name, object value, Py_ssize_t size):
+    cdef bytes data = _as_bytes(value, name)
+    if PyBytes_GET_SIZE(data) != size:
+        raise ValueError(
+            f"{name} must be {size} bytes, got {PyBytes_GET_SIZE(data)}")
+    return data
+
+
+cdef inline unsigned char* _frame_body(bytes frame) noexcept:
+    return <unsigned char*>PyBytes_AS_STRING(frame) + FRAME_HEADER_BYTES
+
+
+cdef bytes _new_frame(int msg_type, object request_id, Py_ssize_t body_size):
+    """A frame with its header written and an uninitialised body to fill."""
+    _check_unsigned("request_id", request_id, _U32_MAX, "u32")
+    cdef bytes frame = PyBytes_FromStringAndSize(
+        NULL, FRAME_HEADER_BYTES + body_size)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(frame)
+    _put32(p, <uint32_t>(MIN_FRAME_LENGTH + body_size))
+    p[4] = PROTOCOL_VERSION
+    p[5] = <unsigned char>msg_type
+    _put16(p + 6, 0)
+    _put32(p + 8, <uint32_t>request_id)
+    return frame
+
+
+def encode_hello(request_id, terminal_id, key_version, client_nonce):
+    """HELLO: who the terminal is, and its fresh nonce.
+
+    >>> len(encode_hello(1, 4242, 1, bytes(16)))
+    34
+    """
+    _check_unsigned("terminal_id", terminal_id, _U32_MAX, "u32")
+    _check_unsigned("key_version", key_version, _U16_MAX, "u16")
+    cdef bytes nonce = _check_fixed_bytes("client_nonce", client_nonce, NONCE_BYTES)
+    cdef bytes frame = _new_frame(MSG_HELLO, request_id, _HELLO_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    _put32(p, <uint32_t>terminal_id)
+    _put16(p + 4, <uint16_t>key_version)
+    memcpy(p + 6, PyBytes_AS_STRING(nonce), NONCE_BYTES)
+    return frame
+
+
+def encode_challenge(request_id, server_nonce):
+    """CHALLENGE: the engine's nonce, the other half of the transcript."""
+    cdef bytes nonce = _check_fixed_bytes("server_nonce", server_nonce, NONCE_BYTES)
+    cdef bytes frame = _new_frame(MSG_CHALLENGE, request_id, _CHALLENGE_BODY)
+    memcpy(_frame_body(frame), PyBytes_AS_STRING(nonce), NONCE_BYTES)
+    return frame
+
+
+def encode_auth(request_id, proof):
+    """AUTH: the terminal's proof that it holds its key."""
+    cdef bytes data = _check_fixed_bytes("proof", proof, PROOF_BYTES)
+    cdef bytes frame = _new_frame(MSG_AUTH, request_id, _AUTH_BODY)
+    memcpy(_frame_body(frame), PyBytes_AS_STRING(data), PROOF_BYTES)
+    return frame
+
+
+def encode_auth_ok(request_id, engine_proof, engine_time_ms):
+    """AUTH_OK: the engine's proof and clock; the session is open."""
+    cdef bytes data = _check_fixed_bytes("engine_proof", engine_proof, PROOF_BYTES)
+    _check_unsigned("engine_time_ms", engine_time_ms, _U64_MAX, "u64")
+    cdef bytes frame = _new_frame(MSG_AUTH_OK, request_id, _AUTH_OK_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    memcpy(p, PyBytes_AS_STRING(data), PROOF_BYTES)
+    _put64(p + PROOF_BYTES, <uint64_t>engine_time_ms)
+    return frame
+
+
+def encode_tap(
+    request_id, terminal_seq, card_uid, card_counter, event_time_ms, tap_flags,
+):
+    """TAP: one card presented to a validator.
+
+    >>> decode_tap(encode_tap(1, 1001, 0x04A1B2C3D4E580, 7, 0, 0)[12:])[0]
+    1001
+    """
+    _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
+    _check_unsigned("card_uid", card_uid, _U64_MAX, "u64")
+    _check_unsigned("card_counter", card_counter, _U32_MAX, "u32")
+    _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
+    _check_unsigned("tap_flags", tap_flags, _U8_MAX, "u8")
+    cdef bytes frame = _new_frame(MSG_TAP, request_id, _TAP_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    _put64(p, <uint64_t>terminal_seq)
+    _put64(p + 8, <uint64_t>card_uid)
+    _put32(p + 16, <uint32_t>card_counter)
+    _put64(p + 20, <uint64_t>event_time_ms)
+    p[28] = <unsigned char>tap_flags
+    return frame
+
+
+def encode_topup(request_id, terminal_seq, card_uid, amount_cents, event_time_ms):
+    """TOPUP: stored value added at a kiosk."""
+    _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
+    _check_unsigned("card_uid", card_uid, _U64_MAX, "u64")
+    _check_unsigned("amount_cents", amount_cents, _U32_MAX, "u32")
+    _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
+    cdef bytes frame = _new_frame(MSG_TOPUP, request_id, _TOPUP_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    _put64(p, <uint64_t>terminal_seq)
+    _put64(p + 8, <uint64_t>card_uid)
+    _put32(p + 16, <uint32_t>amount_cents)
+    _put64(p + 20, <uint64_t>event_time_ms)
+    return frame
+
+
+def encode_reversal(request_id, terminal_seq, original_seq, event_time_ms):
+    """REVERSAL: cancel an approved TAP or TOPUP of the same terminal."""
+    _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
+    _check_unsigned("original_seq", original_seq, _U64_MAX, "u64")
+    _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
+    cdef bytes frame = _new_frame(MSG_REVERSAL, request_id, _REVERSAL_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    _put64(p, <uint64_t>terminal_seq)
+    _put64(p + 8, <uint64_t>original_seq)
+    _put64(p + 16, <uint64_t>event_time_ms)
+    return frame
+
+
+def encode_tap_result(request_id, terminal_seq, result, amount_cents, balance_cents):
+    """TAP_RESULT: the outcome of a TAP, TOPUP or REVERSAL.
+
+    >>> decode_tap_result(encode_tap_result(1, 1001, 0, 150, -35)[12:])
+    (1001, 0, 150, -35)
+    """
+    _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
+    _check_unsigned("result", result, _U8_MAX, "u8")
+    _check_signed("amount_cents", amount_cents, _I32_MIN, _I32_MAX, "i32")
+    _check_signed("balance_cents", balance_cents, _I64_MIN, _I64_MAX, "i64")
+    cdef bytes frame = _new_frame(MSG_TAP_RESULT, request_id, _TAP_RESULT_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    _put64(p, <uint64_t>terminal_seq)
+    p[8] = <unsigned char>result
+    # Two's complement, as the protocol's i32/i64 require.
+    _put32(p + 9, <uint32_t><int32_t>amount_cents)
+    _put64(p + 13, <uint64_t><int64_t>balance_cents)
+    return frame
+
+
+cdef bytes _encode_ping_like(int msg_type, object request_id, object payload):
+    _check_unsigned("payload", payload, _U64_MAX, "u64")
+    cdef bytes frame = _new_frame(msg_type, request_id, _PING_BODY)
+    _put64(_frame_body(frame), <uint64_t>payload)
+    return frame
+
+
+def encode_ping(request_id, payload):
+    """PING: keep-alive; the peer echoes request_id and payload in a PONG."""
+    return _encode_ping_like(MSG_PING, request_id, payload)
+
+
+def encode_pong(request_id, payload):
+    """PONG: the echo of a PING."""
+    return _encode_ping_like(MSG_PONG, request_id, payload)
+
+
+def encode_error(request_id, code, text):
+    """ERROR: a protocol fault; the sender closes the connection after it.
+
+    ``text`` is cut to ERROR_TEXT_MAX_BYTES of UTF-8 at a character
+    boundary, so that a long hint never makes the frame invalid.
+
+    >>> decode_error(encode_error(0, 1, "é" * 150)[12:])[1] == "é" * 100
+    True
+    """
+    _check_unsigned("code", code, _U8_MAX, "u8")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, not {type(text).__name__}")
+    # "replace": a lone surrogate in a hint must not stop the ERROR.
+    cdef bytes encoded = (<str>text).encode("utf-8", "replace")
+    cdef Py_ssize_t cut = PyBytes_GET_SIZE(encoded)
+    cdef const unsigned char* raw = <const unsigned char*>PyBytes_AS_STRING(encoded)
+    if cut > ERROR_TEXT_MAX_BYTES:
+        cut = ERROR_TEXT_MAX_BYTES
+        # Back up over continuation bytes (10xxxxxx) so that the character
+        # the cut falls into is dropped whole.
+        while cut > 0 and (raw[cut] & 0xC0) == 0x80:
+            cut -= 1
+    cdef bytes frame = _new_frame(MSG_ERROR, request_id, ERROR_BODY_MIN_BYTES + cut)
+    cdef unsigned char* p = _frame_body(frame)
+    p[0] = <unsigned char>code
+    _put16(p + 1, <uint16_t>cut)
+    if cut:
+        memcpy(p + ERROR_BODY_MIN_BYTES, raw, cut)
+    return frame
+
+
+# =============================================================================
+# Decoding. Decoders take a body as FrameReader returns it. The reader has
+# already checked its length, but a decoder handed a body directly checks
+# again: a wrong length is the peer's fault, hence a ProtocolError.
+# =============================================================================
+
+cdef inline const unsigned char* _fixed_body(
+    int msg_type, bytes body,
+) except NULL:
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t expected = _body_size(msg_type)
+    if size != expected:
+        raise _body_length_error(msg_type, size, 0)
+    return _take(<const unsigned char*>PyBytes_AS_STRING(body), size, 0, expected)
+
+
+def decode_hello(body):
+    """HELLO body -> (terminal_id, key_version, client_nonce)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const unsigned char* p = _fixed_body(MSG_HELLO, data)
+    return (
+        _be32(p),
+        _be16(p + 4),
+        PyBytes_FromStringAndSize(<char*>p + 6, NONCE_BYTES),
+    )
+
+
+def decode_challenge(body):
+    """CHALLENGE body -> server_nonce."""
+    cdef bytes data = _as_bytes(body, "body")
+    _fixed_body(MSG_CHALLENGE, data)
+    return data
+
+
+def decode_auth(body):
+    """AUTH body -> proof."""
+    cdef bytes data = _as_bytes(body, "body")
+    _fixed_body(MSG_AUTH, data)
+    return data
+
+
+def decode_auth_ok(body):
+    """AUTH_OK body -> (engine_proof, engine_time_ms)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const unsigned char* p = _fixed_body(MSG_AUTH_OK, data)
+    return (
+        PyBytes_FromStringAndSize(<char*>p, PROOF_BYTES),
+        _be64(p + PROOF_BYTES),
+    )
+
+
+def decode_tap(body):
+    """TAP body -> (terminal_seq, card_uid, card_counter, event_time_ms,
+    tap_flags)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const unsigned char* p = _fixed_body(MSG_TAP, data)
+    return (_be64(p), _be64(p + 8), _be32(p + 16), _be64(p + 20), p[28])
+
+
+def decode_topup(body):
+    """TOPUP body -> (terminal_seq, card_uid, amount_cents, event_time_ms)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const unsigned char* p = _fixed_body(MSG_TOPUP, data)
+    return (_be64(p), _be64(p + 8), _be32(p + 16), _be64(p + 20))
+
+
+def decode_reversal(body):
+    """REVERSAL body -> (terminal_seq, original_seq, event_time_ms)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const unsigned char* p = _fixed_body(MSG_REVERSAL, data)
+    return (_be64(p), _be64(p + 8), _be64(p + 16))
+
+
+def decode_tap_result(body):
+    """TAP_RESULT body -> (terminal_seq, result, amount_cents, balance_cents)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const unsigned char* p = _fixed_body(MSG_TAP_RESULT, data)
+    return (
+        _be64(p),
+        p[8],
+        <int32_t>_be32(p + 9),
+        <int64_t>_be64(p + 13),
+    )
+
+
+def decode_ping(body):
+    """PING body -> payload."""
+    cdef bytes data = _as_bytes(body, "body")
+    return _be64(_fixed_body(MSG_PING, data))
+
+
+def decode_pong(body):
+    """PONG body -> payload."""
+    cdef bytes data = _as_bytes(body, "body")
+    return _be64(_fixed_body(MSG_PONG, data))
+
+
+def decode_error(body):
+    """ERROR body -> (code, text). Invalid UTF-8 is replaced, never raised:
+    the text is only a hint, and a bad one must not hide the code."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    error = _error_body_error(p, size, size, 0)
+    if error is not None:
+        raise error
+    p = _take(p, size, 0, size)
+    return (
+        p[0],
+        (<const char*>p)[ERROR_BODY_MIN_BYTES:size].decode("utf-8", "replace"),
+    )
+
+
+# =============================================================================
+# Handshake proofs (docs/protocol.md, AUTH)
+# =============================================================================
+
+cdef bytes _transcript(terminal_id, key_version, client_nonce, server_nonce):
+    """terminal_id u32 || key_version u16 || client_nonce || server_nonce."""
+    _check_unsigned("terminal_id", terminal_id, _U32_MAX, "u32")
+    _check_unsigned("key_version", key_version, _U16_MAX, "u16")
+    cdef bytes client = _check_fixed_bytes("client_nonce", client_nonce, NONCE_BYTES)
+    cdef bytes server = _check_fixed_bytes("server_nonce", server_nonce, NONCE_BYTES)
+    cdef unsigned char head[6]
+    _put32(head, <uint32_t>terminal_id)
+    _put16(head + 4, <uint16_t>key_version)
+    return (<char*>head)[:6] + client + server
+
+
+cdef bytes _proof(bytes label, key, terminal_id, key_version, client_nonce,
+                  server_nonce):
+    cdef bytes secret = _check_fixed_bytes("key", key, TERMINAL_KEY_BYTES)
+    cdef bytes transcript = _transcript(
+        terminal_id, key_version, client_nonce, server_nonce)
+    return _hmac.digest(secret, label + transcript, "sha256")
+
+
+def terminal_proof(key, terminal_id, key_version, client_nonce, server_nonce):
+    """HMAC-SHA256(key, "citycard/v1/terminal-proof" || transcript): what the
+    terminal sends in AUTH. Compare with hmac.compare_digest, never ==."""
+    return _proof(TERMINAL_PROOF_LABEL, key, terminal_id, key_version,
+                  client_nonce, server_nonce)
+
+
+def engine_proof(key, terminal_id, key_version, client_nonce, server_nonce):
+    """HMAC-SHA256(key, "citycard/v1/engine-proof" || transcript): what the
+    engine sends in AUTH_OK to prove it knows the terminal's key too."""
+    return _proof(ENGINE_PROOF_LABEL, key, terminal_id, key_version,
+                  client_nonce, server_nonce)
+
+
+# =============================================================================
+# Per-tap decision fast path
+#
+# The Decision record and the decision ladder (engine/decision.py and
+# engine/ladder.py re-export them). The codec above stays self-contained:
+# nothing above this line depends on what is below it.
+#
+# A Decision is made synchronously by the decision ladder, travels through
+# the batch writer, and is answered to every waiting terminal once its batch
+# is durable (or undone when the batch fails). Every decision that moves
+# money is one transfer of ``amount`` cents from a ``source`` account to a
+# ``target`` account; the card's side of it is held as pending until the
+# commit:
+#
+# - a fare:            card    -> revenue   (card's pending debit)
+# - a top-up:          funding -> card      (card's pending credit)
+# - a fare refunded:   revenue -> card      (card's pending credit)
+# - a top-up reversed: card    -> funding   (card's pending debit)
+#
+# The ladder functions take the city (``engine.state.CityState``) and a
+# terminal (``engine.state.Terminal``) duck-typed: this module imports
+# nothing from the engine. The city's columns are read and written in place
+# through raw pointers: ``array('q')`` through ``data.as_longlongs`` and
+# bytearrays through ``PyByteArray_AS_STRING``. No buffer is exported, so
+# the arrays stay resizable (cards are added at run time); a pointer is only
+# used between two points where no Python code can run. Every index is
+# checked once against the columns it reads (_check_position), so a wrong
+# position raises IndexError instead of touching memory it does not own.
+# Money sums stay far inside int64 for every value the schema allows
+# (balances between floor and ceiling, fares and top-ups in cents).
+# =============================================================================
+
+cpdef enum:
+    # Card status a tap can pass (engine.codes.CardStatus.ACTIVE).
+    CARD_STATUS_ACTIVE = 0
+    # A tariff of -1: this profile is not served here (engine.state.NO_FARE).
+    NO_FARE = -1
+    # Largest top-up in cents, as in engine/limits.py.
+    TOPUP_MAX_CENTS = 50000
+    # Ledger transfer kinds (schema: ledger_transfers.kind).
+    LEDGER_FARE = 0
+    LEDGER_TOPUP = 1
+    LEDGER_REVERSAL = 2
+    LEDGER_OPENING = 3
+    # The account of a decision that moves no money.
+    NO_ACCOUNT = -1
+    # TAP flag bits (docs/protocol.md): bit 0 marks an exit tap; the rest
+    # are reserved.
+    TAP_FLAG_EXIT = 0x01
+    TAP_FLAGS_KNOWN = TAP_FLAG_EXIT
+    # The request a tap record answers (engine.codes.OperationKind).
+    OPERATION_TAP = 0
+    OPERATION_TOPUP = 1
+    OPERATION_REVERSAL = 2
+
+# Names for repr only.
+_OPERATION_NAMES = {
+    OPERATION_TAP: "TAP",
+    OPERATION_TOPUP: "TOPUP",
+    OPERATION_REVERSAL: "REVERSAL",
+}
+
+
+@cython.freelist(64)
+cdef class Decision:
+    """One decided TAP, TOPUP or REVERSAL, pending until its batch commits.
+
+    Numbers are signed 64-bit (the record stores bigints); ``original_seq``
+    is None but for a REVERSAL, and ``waiters`` holds the
+    ``(reply target, request_id)`` pairs waiting for the reply.
+
+    >>> d = Decision(7, 1001, OPERATION_TAP, 0x04A1, 3, 0, 0, None, 0, 0, 1)
+    >>> d.result, d.card_account, d.waiters
+    (0, -1, [])
+    """
+
+    cdef public int64_t terminal_id
+    cdef public int64_t terminal_seq
+    cdef public int64_t kind
+    cdef public int64_t card_uid
+    cdef public int64_t card_counter
+    cdef public int64_t tap_flags
+    cdef public int64_t requested
+    cdef public object original_seq  # int, or None
+    cdef public int64_t event_time_ms
+    cdef public int64_t recorded_ms
+    cdef public int64_t service_id
+    cdef public int64_t result
+    cdef public int64_t amount
+    cdef public int64_t balance
+    cdef public int64_t card_account
+    cdef public int64_t source
+    cdef public int64_t target
+    cdef public int64_t ledger_kind
+    cdef public list waiters
+
+    def __init__(
+        self,
+        int64_t terminal_id,
+        int64_t terminal_seq,
+        int64_t kind,
+        int64_t card_uid,
+        int64_t card_counter,
+        int64_t tap_flags,
+        int64_t requested,
+        object original_seq,
+        int64_t event_time_ms,
+        int64_t recorded_ms,
+        int64_t service_id,
+    ):
+        self.terminal_id = terminal_id
+        self.terminal_seq = terminal_seq
+        self.kind = kind
+        self.card_uid = card_uid
+        self.card_counter = card_counter
+        self.tap_flags = tap_flags
+        self.requested = requested
+        self.original_seq = original_seq
+        self.event_time_ms = event_time_ms
+        self.recorded_ms = recorded_ms
+        self.service_id = service_id
+        self.result = 0
+        self.amount = 0
+        self.balance = 0
+        self.card_account = NO_ACCOUNT
+        self.source = NO_ACCOUNT
+        self.target = NO_ACCOUNT
+        self.ledger_kind = LEDGER_FARE
+        self.waiters = []
+
+    def fingerprint(self):
+        """The request's content: a retry must match it exactly.
+
+        A REVERSAL carries no card on the wire (its record names the card of
+        the original), so its card does not take part.
+        """
+        return (
+            self.kind,
+            0 if self.kind == OPERATION_REVERSAL else self.card_uid,
+            self.card_counter,
+            self.tap_flags,
+            self.requested,
+            self.event_time_ms,
+            self.original_seq,
+        )
+
+    @property
+    def moves_money(self):
+        return self.amount > 0
+
+    def __repr__(self):
+        return (
+            f"Decision({_OPERATION_NAMES.get(self.kind, self.kind)}"
+            f" terminal={self.terminal_id} seq={self.terminal_seq}"
+            f" result={self.result} amount={self.amount})"
+        )
+
+
+def request_fingerprint(
+    kind, card_uid, card_counter, tap_flags, requested, event_time_ms,
+    original_seq,
+):
+    """Same layout as Decision.fingerprint, for an incoming request.
+
+    >>> request_fingerprint(0, 0x04A1, 3, 0, 0, 0, None)
+    (0, 1185, 3, 0, 0, 0, None)
+    """
+    return (kind, card_uid, card_counter, tap_flags, requested, event_time_ms,
+            original_seq)
+
+
+cdef class Original:
+    """The approved request a REVERSAL names, as read from the record."""
+
+    cdef public int64_t kind
+    cdef public int64_t card_uid
+    cdef public int64_t amount
+    cdef public int64_t account_id
+    cdef public int64_t recorded_ms
+    cdef public int64_t service_id
+
+    def __init__(
+        self, int64_t kind, int64_t card_uid, int64_t amount,
+        int64_t account_id, int64_t recorded_ms, int64_t service_id,
+    ):
+        self.kind = kind
+        self.card_uid = card_uid
+        self.amount = amount
+        self.account_id = account_id
+        self.recorded_ms = recorded_ms
+        self.service_id = service_id
+
+
+# --- The city's columns, checked once per use -------------------------------
+
+cdef extern from "Python.h":
+    # With a NULL exception an out-of-range int is clamped, not raised: the
+    # clamped value fails the position check like any other bad index.
+    Py_ssize_t PyNumber_AsSsize_t(object value, PyObject* exc) except? -1
+
+# Where an empty column "points": never read, since no position passes the
+# check against a size of 0, but not NULL, which would signal an error.
+cdef long long _NO_CELLS[1]
+
+
+cdef long long* _int64_column(object column, str name) except NULL:
+    """The raw cells of an array('q') column of the city.
+
+    Any other type would be read with the wrong cell size, hence the check.
+    """
+    if not isinstance(column, array.array) or (
+            (<array.array>column).ob_descr.typecode != c'q'):
+        raise TypeError(_column_type_text(column, name, "array('q')"))
+    if Py_SIZE(column) == 0:
+        return _NO_CELLS
+    return (<array.array>column).data.as_longlongs
+
+
+cdef unsigned char* _byte_column(object column, str name) except NULL:
+    """The raw cells of a bytearray column of the city."""
+    if not isinstance(column, bytearray):
+        raise TypeError(_column_type_text(column, name, "bytearray"))
+    return <unsigned char*>PyByteArray_AS_STRING(column)
+
+
+cdef str _column_type_text(object column, str name, str expected):
+    if isinstance(column, array.array):
+        return f"state.{name} must be {expected}, not array('{column.typecode}')"
+    return f"state.{name} must be {expected}, not {type(column).__name__}"
+
+
+cdef inline Py_ssize_t _check_index(
+    long long position, Py_ssize_t size, str what,
+) except -1:
+    """The one index check of each access path: position must be a cell."""
+    if position < 0 or position >= size:
+        raise IndexError(
+            f"{what} position {position} out of range for {size} {what}s")
+    return <Py_ssize_t>position
+
+
+cdef inline Py_ssize_t _check_position(
+    object value, Py_ssize_t size, str what,
+) except -1:
+    """_check_index for a position held as a Python int (a dict value)."""
+    cdef Py_ssize_t position = PyNumber_AsSsize_t(value, NULL)
+    if position < 0 or position >= size:
+        raise IndexError(
+            f"{what} position {value} out of range for {size} {what}s")
+    return position
+
+
+# --- The ladder --------------------------------------------------------------
+#
+# Each function reads what it needs from Python objects first (terminal
+# fields, the card's position, the columns), then works on raw cells: from
+# the first pointer to the last no Python code runs that could resize a
+# column. The pure twin reads in the same order, so the two raise the same
+# errors for the same broken input.
+
+def decide_tap(state, terminal, Decision decision not None):
+    """Decide a TAP in place: sets result, amount, balance and accounts.
+
+    An exit tap records the passage and charges nothing: with per-use fares
+    the entry already paid.
+
+    >>> decide_tap(state, state.terminals[7], decision)  # doctest: +SKIP
+    """
+    cdef Py_ssize_t card, account, profile
+    cdef int64_t available, fare
+    if not terminal.active:
+        decision.result = RESULT_TERMINAL_NOT_ALLOWED
+        return
+    cdef dict card_position = state.card_position
+    found = card_position.get(decision.card_uid)
+    if found is None:
+        decision.result = RESULT_UNKNOWN_CARD
+        return
+    service_id = terminal.service_id
+    cdef dict fares_by_service = state.fares
+    card_account_column = state.card_account
+    card_status_column = state.card_status
+    card_profile_column = state.card_profile
+    balance_column = state.balance
+    pending_debit_column = state.pending_debit
+    floor_column = state.floor
+    cdef long long* card_account = _int64_column(card_account_column, "card_account")
+    cdef unsigned char* card_status = _byte_column(card_status_column, "card_status")
+    cdef unsigned char* card_profile = _byte_column(card_profile_column, "card_profile")
+    cdef long long* balance = _int64_column(balance_column, "balance")
+    cdef long long* pending_debit = _int64_column(pending_debit_column, "pending_debit")
+    cdef long long* floor = _int64_column(floor_column, "floor")
+    card = _check_position(found, min(Py_SIZE(card_account_column), Py_SIZE(card_status_column),
+                                      Py_SIZE(card_profile_column)), "card")
+    account = _check_index(card_account[card], min(Py_SIZE(balance_column), Py_SIZE(pending_debit_column),
+                                                   Py_SIZE(floor_column)), "account")
+    decision.card_account = account
+    available = balance[account] - pending_debit[account]
+    decision.balance = available
+    if card_status[card] != CARD_STATUS_ACTIVE:
+        decision.result = RESULT_CARD_NOT_ACTIVE
+        return
+    # A dict look-up by an int key runs no Python code: the pointers above
+    # stay valid.
+    fares_row = fares_by_service[service_id]
+    cdef long long* fares = _int64_column(fares_row, "fares row")
+    profile = _check_index(card_profile[card], Py_SIZE(fares_row), "profile")
+    fare = fares[profile]
+    if fare == NO_FARE:
+        decision.result = RESULT_SERVICE_NOT_ALLOWED
+        return
+    if decision.tap_flags & TAP_FLAG_EXIT:
+        fare = 0
+    if available - fare < floor[account]:
+        decision.result = RESULT_INSUFFICIENT_FUNDS
+        return
+    # After this point the tap must succeed.
+    decision.result = RESULT_APPROVED
+    decision.amount = fare
+    decision.balance = available - fare
+    if fare:
+        pending_debit[account] += fare
+        decision.source = account
+        decision.target = state.revenue_account[service_id]
+        decision.ledger_kind = LEDGER_FARE
+
+
+def decide_topup(state, terminal, Decision decision not None):
+    """Decide a TOPUP in place. The credit is spendable only once committed.
+
+    >>> decide_topup(state, state.terminals[900], decision)  # doctest: +SKIP
+    """
+    cdef Py_ssize_t card, account
+    cdef int64_t available, amount
+    if not terminal.active or not terminal.is_kiosk:
+        decision.result = RESULT_TERMINAL_NOT_ALLOWED
+        return
+    cdef dict card_position = state.card_position
+    found = card_position.get(decision.card_uid)
+    if found is None:
+        decision.result = RESULT_UNKNOWN_CARD
+        return
+    cdef int64_t funding_account = terminal.funding_account
+    card_account_column = state.card_account
+    card_status_column = state.card_status
+    balance_column = state.balance
+    pending_debit_column = state.pending_debit
+    pending_credit_column = state.pending_credit
+    ceiling_column = state.ceiling
+    cdef long long* card_account = _int64_column(card_account_column, "card_account")
+    cdef unsigned char* card_status = _byte_column(card_status_column, "card_status")
+    cdef long long* balance = _int64_column(balance_column, "balance")
+    cdef long long* pending_debit = _int64_column(pending_debit_column, "pending_debit")
+    cdef long long* pending_credit = _int64_column(pending_credit_column, "pending_credit")
+    cdef long long* ceiling = _int64_column(ceiling_column, "ceiling")
+    card = _check_position(found, min(Py_SIZE(card_account_column), Py_SIZE(card_status_column)), "card")
+    account = _check_index(card_account[card], min(Py_SIZE(balance_column), Py_SIZE(pending_debit_column),
+                                                   Py_SIZE(pending_credit_column), Py_SIZE(ceiling_column)),
+                           "account")
+    decision.card_account = account
+    available = balance[account] - pending_debit[account]
+    decision.balance = available
+    if card_status[card] != CARD_STATUS_ACTIVE:
+        decision.result = RESULT_CARD_NOT_ACTIVE
+        return
+    amount = decision.requested
+    if amount < 1 or amount > TOPUP_MAX_CENTS:
+        decision.result = RESULT_INVALID_AMOUNT
+        return
+    # Pending credits count against the ceiling: two top-ups in one batch
+    # must not together pass it.
+    if balance[account] + pending_credit[account] + amount > ceiling[account]:
+        decision.result = RESULT_BALANCE_LIMIT
+        return
+    # After this point the top-up must succeed.
+    decision.result = RESULT_APPROVED
+    decision.amount = amount
+    decision.balance = available + amount
+    pending_credit[account] += amount
+    decision.source = funding_account
+    decision.target = account
+    decision.ledger_kind = LEDGER_TOPUP
+
+
+def decide_reversal(
+    state, terminal, Decision decision not None, Original original,
+    bint already_reversed, int64_t window_ms,
+):
+    """Decide a REVERSAL of ``original`` (None when not found) in place.
+
+    A refunded fare is a credit (spendable once committed); a reversed top-up
+    is a debit and needs the money to still be there.
+
+    >>> decide_reversal(state, terminal, decision, None, False, 600_000)  # doctest: +SKIP
+    """
+    cdef Py_ssize_t account
+    cdef int64_t available, amount
+    if not terminal.active:
+        decision.result = RESULT_TERMINAL_NOT_ALLOWED
+        return
+    if original is None or original.kind == OPERATION_REVERSAL:
+        decision.result = RESULT_ORIGINAL_NOT_FOUND
+        return
+    found = state.account_position[original.account_id]
+    cdef int64_t funding_account = terminal.funding_account
+    balance_column = state.balance
+    pending_debit_column = state.pending_debit
+    pending_credit_column = state.pending_credit
+    floor_column = state.floor
+    cdef long long* balance = _int64_column(balance_column, "balance")
+    cdef long long* pending_debit = _int64_column(pending_debit_column, "pending_debit")
+    cdef long long* pending_credit = _int64_column(pending_credit_column, "pending_credit")
+    cdef long long* floor = _int64_column(floor_column, "floor")
+    account = _check_position(found, min(Py_SIZE(balance_column), Py_SIZE(pending_debit_column),
+                                         Py_SIZE(pending_credit_column), Py_SIZE(floor_column)), "account")
+    decision.card_account = account
+    # The record names the card whose money moves; the request had no card.
+    decision.card_uid = original.card_uid
+    available = balance[account] - pending_debit[account]
+    decision.balance = available
+    if decision.recorded_ms - original.recorded_ms > window_ms:
+        decision.result = RESULT_REVERSAL_WINDOW_EXPIRED
+        return
+    if already_reversed:
+        decision.result = RESULT_ALREADY_REVERSED
+        return
+    amount = original.amount
+    if original.kind == OPERATION_TOPUP:
+        if available - amount < floor[account]:
+            decision.result = RESULT_INSUFFICIENT_FUNDS
+            return
+        # After this point the reversal must succeed.
+        pending_debit[account] += amount
+        decision.source = account
+        decision.target = funding_account if funding_account >= 0 else NO_ACCOUNT
+        decision.balance = available - amount
+    else:
+        # After this point the reversal must succeed.
+        pending_credit[account] += amount
+        decision.source = state.revenue_account[original.service_id]
+        decision.target = account
+        decision.balance = available + amount
+    decision.result = RESULT_APPROVED
+    decision.amount = amount
+    decision.ledger_kind = LEDGER_REVERSAL

@@ -1,0 +1,904 @@
+"""The byte-level wire codec of protocol v1 and the per-tap decision, in pure Python.
+
+The twin of ``engine/_fastpath.pyx``: the same public API, the same
+behaviour, the same exception types and the same error text, for platforms
+without a compiler and for debugging (``CITYCARD_NO_EXTENSIONS=1``). Every
+test of the codec runs against both. Change one twin, change the other.
+
+It imports nothing from the rest of ``engine``: the numbers it needs are
+repeated below with the names and values of ``engine/codes.py`` and
+``engine/limits.py`` (``tests/test_codec.py`` checks that they agree).
+
+Below the codec is the per-tap decision fast path: the ``Decision`` record
+and the decision ladder (``decide_tap``, ``decide_topup``,
+``decide_reversal``), with the same index checks and error text as the
+compiled twin.
+
+Untrusted bytes are read only through ``_take()`` (bounds-checked); field
+layouts are precompiled ``struct.Struct`` objects.
+
+Example::
+
+    >>> reader = FrameReader()
+    >>> reader.feed(encode_ping(7, 42))
+    [(32, 7, b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00*')]
+"""
+
+from __future__ import annotations
+
+import hmac as _hmac
+import struct
+from array import array as _array
+from typing import Any
+
+__all__ = [
+    "BODY_SIZES",
+    "ENGINE_PROOF_LABEL",
+    "ERROR_BODY_MIN_BYTES",
+    "ERROR_TEXT_MAX_BYTES",
+    "ERR_AUTH_FAILED",
+    "ERR_BAD_BODY_LENGTH",
+    "ERR_BAD_FIELD",
+    "ERR_BAD_FLAGS",
+    "ERR_FRAME_TOO_LARGE",
+    "ERR_FRAME_TOO_SHORT",
+    "ERR_HANDSHAKE_TIMEOUT",
+    "ERR_IDLE_TIMEOUT",
+    "ERR_INTERNAL",
+    "ERR_NOT_AUTHENTICATED",
+    "ERR_SHUTTING_DOWN",
+    "ERR_TOO_MANY_IN_FLIGHT",
+    "ERR_UNEXPECTED_MESSAGE",
+    "ERR_UNKNOWN_TYPE",
+    "ERR_UNSUPPORTED_VERSION",
+    "FRAME_HEADER_BYTES",
+    "LENGTH_PREFIX_BYTES",
+    "MAX_FRAME_BYTES",
+    "MIN_FRAME_LENGTH",
+    "MSG_AUTH",
+    "MSG_AUTH_OK",
+    "MSG_CHALLENGE",
+    "MSG_ERROR",
+    "MSG_HELLO",
+    "MSG_PING",
+    "MSG_PONG",
+    "MSG_REVERSAL",
+    "MSG_TAP",
+    "MSG_TAP_RESULT",
+    "MSG_TOPUP",
+    "NONCE_BYTES",
+    "PROOF_BYTES",
+    "PROTOCOL_VERSION",
+    "RESULT_ALREADY_REVERSED",
+    "RESULT_APPROVED",
+    "RESULT_BALANCE_LIMIT",
+    "RESULT_BUSY_RETRY",
+    "RESULT_CARD_NOT_ACTIVE",
+    "RESULT_INSUFFICIENT_FUNDS",
+    "RESULT_INVALID_AMOUNT",
+    "RESULT_ORIGINAL_NOT_FOUND",
+    "RESULT_PROTOCOL_ERROR",
+    "RESULT_REVERSAL_WINDOW_EXPIRED",
+    "RESULT_SEQUENCE_REUSED",
+    "RESULT_SERVICE_NOT_ALLOWED",
+    "RESULT_TERMINAL_NOT_ALLOWED",
+    "RESULT_UNKNOWN_CARD",
+    "TERMINAL_KEY_BYTES",
+    "TERMINAL_PROOF_LABEL",
+    "FrameReader",
+    "ProtocolError",
+    "decode_auth",
+    "decode_auth_ok",
+    "decode_challenge",
+    "decode_error",
+    "decode_hello",
+    "decode_ping",
+    "decode_pong",
+    "decode_reversal",
+    "decode_tap",
+    "decode_tap_result",
+    "decode_topup",
+    "encode_auth",
+    "encode_auth_ok",
+    "encode_challenge",
+    "encode_error",
+    "encode_hello",
+    "encode_ping",
+    "encode_pong",
+    "encode_reversal",
+    "encode_tap",
+    "encode_tap_result",
+    "encode_topup",
+    "engine_proof",
+    "terminal_proof",
+    # The per-tap decision fast path.
+    "CARD_STATUS_ACTIVE",
+    "LEDGER_FARE",
+    "LEDGER_OPENING",
+    "LEDGER_REVERSAL",
+    "LEDGER_TOPUP",
+    "NO_ACCOUNT",
+    "NO_FARE",
+    "OPERATION_REVERSAL",
+    "OPERATION_TAP",
+    "OPERATION_TOPUP",
+    "TAP_FLAGS_KNOWN",
+    "TAP_FLAG_EXIT",
+    "TOPUP_MAX_CENTS",
+    "Decision",
+    "Original",
+    "decide_reversal",
+    "decide_tap",
+    "decide_topup",
+    "request_fingerprint",
+]
+
+# =============================================================================
+# Constants
+# =============================================================================
+
+# Wire limits, as in engine/limits.py.
+PROTOCOL_VERSION = 1
+FRAME_HEADER_BYTES = 12  # length prefix + version, type, flags, request id
+MAX_FRAME_BYTES = 16384  # largest frame, length prefix included
+ERROR_TEXT_MAX_BYTES = 200  # an ERROR's text is a hint for logs
+NONCE_BYTES = 16
+PROOF_BYTES = 32  # HMAC-SHA256 output
+# Derived from the frame layout in docs/protocol.md.
+LENGTH_PREFIX_BYTES = 4
+# The length prefix counts what follows it: the smallest legal value is the
+# rest of the header with an empty body.
+MIN_FRAME_LENGTH = FRAME_HEADER_BYTES - LENGTH_PREFIX_BYTES
+ERROR_BODY_MIN_BYTES = 3  # code u8 + text_length u16
+TERMINAL_KEY_BYTES = 32  # provisioned by the card office
+
+# Message types (engine.codes.MessageType).
+MSG_HELLO = 0x01
+MSG_CHALLENGE = 0x02
+MSG_AUTH = 0x03
+MSG_AUTH_OK = 0x04
+MSG_TAP = 0x10
+MSG_TOPUP = 0x11
+MSG_REVERSAL = 0x12
+MSG_TAP_RESULT = 0x13
+MSG_PING = 0x20
+MSG_PONG = 0x21
+MSG_ERROR = 0x7F
+
+# Result codes (engine.codes.ResultCode), lowest wins.
+RESULT_APPROVED = 0
+RESULT_TERMINAL_NOT_ALLOWED = 16
+RESULT_UNKNOWN_CARD = 17
+RESULT_CARD_NOT_ACTIVE = 18
+RESULT_SERVICE_NOT_ALLOWED = 19
+RESULT_INVALID_AMOUNT = 20
+RESULT_BALANCE_LIMIT = 21
+RESULT_ORIGINAL_NOT_FOUND = 22
+RESULT_REVERSAL_WINDOW_EXPIRED = 23
+RESULT_ALREADY_REVERSED = 24
+RESULT_INSUFFICIENT_FUNDS = 25
+RESULT_BUSY_RETRY = 64
+RESULT_SEQUENCE_REUSED = 65
+RESULT_PROTOCOL_ERROR = 66
+
+# ERROR frame codes (engine.codes.ErrorCode).
+ERR_FRAME_TOO_LARGE = 1
+ERR_FRAME_TOO_SHORT = 2
+ERR_UNSUPPORTED_VERSION = 3
+ERR_UNKNOWN_TYPE = 4
+ERR_BAD_BODY_LENGTH = 5
+ERR_BAD_FLAGS = 6
+ERR_NOT_AUTHENTICATED = 7
+ERR_AUTH_FAILED = 8
+ERR_UNEXPECTED_MESSAGE = 9
+ERR_HANDSHAKE_TIMEOUT = 10
+ERR_IDLE_TIMEOUT = 11
+ERR_TOO_MANY_IN_FLIGHT = 12
+ERR_SHUTTING_DOWN = 13
+ERR_INTERNAL = 14
+ERR_BAD_FIELD = 15
+
+# Field layouts, big-endian, from the per-type tables of docs/protocol.md.
+_LENGTH = struct.Struct(">I")
+_HEADER = struct.Struct(">IBBHI")  # length, version, type, flags, request_id
+_HELLO = struct.Struct(">IH16s")  # terminal_id, key_version, client_nonce
+_AUTH_OK = struct.Struct(">32sQ")  # engine_proof, engine_time_ms
+_TAP = struct.Struct(">QQIQB")  # seq, uid, counter, time, tap_flags
+_TOPUP = struct.Struct(">QQIQ")  # seq, uid, amount, time
+_REVERSAL = struct.Struct(">QQQ")  # seq, original_seq, time
+_TAP_RESULT = struct.Struct(">QBiq")  # seq, result, amount, balance
+_PING = struct.Struct(">Q")  # payload
+_ERROR_HEAD = struct.Struct(">BH")  # code, text_length
+_TRANSCRIPT_HEAD = struct.Struct(">IH")  # terminal_id, key_version
+
+# The fixed body size of every message type but ERROR (see ERROR_BODY_MIN_BYTES).
+BODY_SIZES = {
+    MSG_HELLO: _HELLO.size,
+    MSG_CHALLENGE: NONCE_BYTES,
+    MSG_AUTH: PROOF_BYTES,
+    MSG_AUTH_OK: _AUTH_OK.size,
+    MSG_TAP: _TAP.size,
+    MSG_TOPUP: _TOPUP.size,
+    MSG_REVERSAL: _REVERSAL.size,
+    MSG_TAP_RESULT: _TAP_RESULT.size,
+    MSG_PING: _PING.size,
+    MSG_PONG: _PING.size,
+}
+
+# _BODY_SIZE[type]: the fixed body size, _VARIABLE_SIZE for ERROR (sized by
+# its text_length field), _UNKNOWN_TYPE for a byte that is no message type.
+# A private table indexed by the type byte: faster than a dict lookup, and
+# immune to a caller mutating the public BODY_SIZES.
+_UNKNOWN_TYPE = -1
+_VARIABLE_SIZE = -2
+_BODY_SIZE = [_UNKNOWN_TYPE] * 256
+for _type, _size in BODY_SIZES.items():
+    _BODY_SIZE[_type] = _size
+_BODY_SIZE[MSG_ERROR] = _VARIABLE_SIZE
+del _type, _size
+
+# FrameReader._frame_size() outcomes besides a frame size.
+_NEED_MORE = -1
+_VIOLATION = -2
+
+# Names for error text only.
+_TYPE_NAMES = {
+    MSG_HELLO: "HELLO",
+    MSG_CHALLENGE: "CHALLENGE",
+    MSG_AUTH: "AUTH",
+    MSG_AUTH_OK: "AUTH_OK",
+    MSG_TAP: "TAP",
+    MSG_TOPUP: "TOPUP",
+    MSG_REVERSAL: "REVERSAL",
+    MSG_TAP_RESULT: "TAP_RESULT",
+    MSG_PING: "PING",
+    MSG_PONG: "PONG",
+    MSG_ERROR: "ERROR",
+}
+
+# Labels that keep a terminal proof from ever being replayed as an engine
+# proof (and vice versa): same key, same transcript, different messages.
+TERMINAL_PROOF_LABEL = b"citycard/v1/terminal-proof"
+ENGINE_PROOF_LABEL = b"citycard/v1/engine-proof"
+
+_U8_MAX = 0xFF
+_U16_MAX = 0xFFFF
+_U32_MAX = 0xFFFFFFFF
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+_I32_MIN = -(1 << 31)
+_I32_MAX = (1 << 31) - 1
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+
+class ProtocolError(Exception):
+    """A frame-level violation of the protocol by the peer.
+
+    ``code`` is the ErrorCode to send back in an ERROR frame, ``request_id``
+    the offending frame's request id when its header could be read (else 0),
+    and ``str(error)`` a short hint for logs. Misuse of this API by the
+    engine itself raises ValueError or TypeError instead.
+
+    >>> ProtocolError(ERR_BAD_FLAGS, "reserved flags 0x0001 set", 9).code
+    6
+    """
+
+    def __init__(self, code: int, message: str, request_id: int = 0) -> None:
+        Exception.__init__(self, message)
+        self.code = code
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[type[ProtocolError], tuple[int, str, int]]:
+        return (type(self), (self.code, str(self), self.request_id))
+
+    def __repr__(self) -> str:
+        return (
+            f"ProtocolError(code={self.code!r}, message={str(self)!r}, "
+            f"request_id={self.request_id!r})"
+        )
+
+
+# =============================================================================
+# Reading untrusted bytes
+# =============================================================================
+
+_Buffer = bytes | bytearray
+
+
+def _take(data: _Buffer, offset: int, count: int) -> int:
+    """Check that data[offset:offset + count] exists; return offset.
+
+    The one bounds-checked read of the module: every unpack of untrusted
+    bytes is at an offset this returned. Callers check lengths before, with
+    a protocol-level message; reaching the raise means a codec bug, and a
+    bug must never read a field short.
+    """
+    size = len(data)
+    if offset < 0 or count < 0 or count > size - offset:
+        raise ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"insufficient data: requested {count} bytes at offset {offset},"
+            f" {size - offset} remaining",
+        )
+    return offset
+
+
+def _as_bytes(value: object, name: str) -> bytes:
+    """Accept any bytes-like value (asyncio gives bytes; tests may not)."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
+
+
+def _body_length_error(
+    msg_type: int, body_length: int, request_id: int
+) -> ProtocolError:
+    """The ProtocolError for a fixed-size body of the wrong length."""
+    return ProtocolError(
+        ERR_BAD_BODY_LENGTH,
+        f"{_TYPE_NAMES[msg_type]} body length {body_length},"
+        f" expected {_BODY_SIZE[msg_type]}",
+        request_id,
+    )
+
+
+def _error_body_error(
+    data: _Buffer, start: int, available: int, body_length: int, request_id: int
+) -> ProtocolError | None:
+    """Check an ERROR body's size against its text_length field.
+
+    The body starts at data[start], ``available`` bytes of it are there, and
+    it will be ``body_length`` long. Returns None when valid, the
+    ProtocolError otherwise; raises nothing, so the reader can record the
+    error and keep earlier frames.
+    """
+    if not (
+        ERROR_BODY_MIN_BYTES
+        <= body_length
+        <= ERROR_BODY_MIN_BYTES + ERROR_TEXT_MAX_BYTES
+    ):
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"ERROR body length {body_length}, expected"
+            f" {ERROR_BODY_MIN_BYTES}..{ERROR_BODY_MIN_BYTES + ERROR_TEXT_MAX_BYTES}",
+            request_id,
+        )
+    if available < ERROR_BODY_MIN_BYTES:
+        return None  # text_length not here yet; the reader waits for it
+    _code, text_length = _ERROR_HEAD.unpack_from(
+        data, _take(data, start, ERROR_BODY_MIN_BYTES)
+    )
+    if text_length > ERROR_TEXT_MAX_BYTES:
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"ERROR text length {text_length} above maximum"
+            f" {ERROR_TEXT_MAX_BYTES}",
+            request_id,
+        )
+    if body_length != ERROR_BODY_MIN_BYTES + text_length:
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"ERROR body length {body_length}, expected"
+            f" {ERROR_BODY_MIN_BYTES} + text length {text_length}",
+            request_id,
+        )
+    return None
+
+
+# =============================================================================
+# Splitting the stream into frames
+# =============================================================================
+
+
+class FrameReader:
+    """Incremental frame splitter for one connection.
+
+    ``feed()`` takes whatever the transport delivered and returns every
+    complete, header-valid frame as ``(msg_type, request_id, body)``. Each
+    header is checked as soon as its bytes are there: a length prefix out of
+    range is refused from its 4 bytes alone, before the body is awaited or
+    stored, so a hostile prefix costs nothing. The first violation stops the
+    reader: ``error`` holds it, the frames before it are still returned,
+    and every later ``feed()`` raises it. The reader holds at most one
+    incomplete frame (under ``max_frame_bytes``) between calls.
+
+    >>> reader = FrameReader()
+    >>> frame = encode_ping(1, 5)
+    >>> reader.feed(frame[:3]), reader.buffered()
+    ([], 3)
+    >>> reader.feed(frame[3:])[0][:2]
+    (32, 1)
+    """
+
+    __slots__ = ("_error", "_max_frame_bytes", "_max_length", "_pending")
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        if not isinstance(max_frame_bytes, int):
+            raise TypeError(
+                "max_frame_bytes must be int, not"
+                f" {type(max_frame_bytes).__name__}"
+            )
+        if not FRAME_HEADER_BYTES <= max_frame_bytes <= MAX_FRAME_BYTES:
+            raise ValueError(
+                f"max_frame_bytes {int(max_frame_bytes)} out of range"
+                f" ({FRAME_HEADER_BYTES}..{MAX_FRAME_BYTES})"
+            )
+        self._max_frame_bytes = int(max_frame_bytes)
+        # The largest acceptable length prefix.
+        self._max_length = self._max_frame_bytes - LENGTH_PREFIX_BYTES
+        self._pending = bytearray()  # the start of an incomplete frame
+        self._error: ProtocolError | None = None
+
+    # Read-only, as in the compiled twin.
+    @property
+    def error(self) -> ProtocolError | None:
+        """The first ProtocolError met, or None while the stream is valid."""
+        return self._error
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._max_frame_bytes
+
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return len(self._pending)
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """Append ``data``; return the complete frames it finished."""
+        if self._error is not None:
+            raise self._error
+        chunk = _as_bytes(data, "data")
+        frames: list[tuple[int, int, bytes]] = []
+        if not self._pending:
+            # The common case: the chunk starts at a frame boundary. Split
+            # it in place and keep only its incomplete tail.
+            consumed = self._split(chunk, frames)
+            if self._error is None and consumed < len(chunk):
+                self._pending = bytearray(chunk[consumed:])
+        else:
+            self._pending += chunk
+            consumed = self._split(self._pending, frames)
+            if consumed:
+                # Deleting a bytearray's head is O(1) in CPython.
+                del self._pending[:consumed]
+        if self._error is not None:
+            self._pending = bytearray()  # a dead connection holds nothing
+        return frames
+
+    def _split(self, data: _Buffer, frames: list[tuple[int, int, bytes]]) -> int:
+        """Append every complete frame of data; return the bytes used."""
+        pos = 0
+        size = len(data)
+        while True:
+            total = self._frame_size(data, pos)
+            if total < 0 or total > size - pos:
+                return pos  # need more bytes, or stopped at a violation
+            _length, _version, msg_type, _flags, request_id = _HEADER.unpack_from(
+                data, _take(data, pos, total)
+            )
+            frames.append(
+                (msg_type, request_id, bytes(data[pos + FRAME_HEADER_BYTES : pos + total]))
+            )
+            pos += total
+
+    def _frame_size(self, data: _Buffer, pos: int) -> int:
+        """Validate the frame starting at pos with what has arrived of it.
+
+        Returns its whole size (length prefix included) once every check
+        that its bytes allow has passed, _NEED_MORE when a check still waits
+        for bytes, or _VIOLATION after recording self._error.
+        """
+        available = len(data) - pos
+        if available < LENGTH_PREFIX_BYTES:
+            return _NEED_MORE
+        length: int
+        (length,) = _LENGTH.unpack_from(data, _take(data, pos, LENGTH_PREFIX_BYTES))
+        # The length is judged alone, before anything else of the frame is
+        # awaited: this is what bounds the memory a peer can make us hold.
+        if length < MIN_FRAME_LENGTH:
+            self._error = ProtocolError(
+                ERR_FRAME_TOO_SHORT,
+                f"frame length {length} below minimum {MIN_FRAME_LENGTH}",
+            )
+            return _VIOLATION
+        if length > self._max_length:
+            self._error = ProtocolError(
+                ERR_FRAME_TOO_LARGE,
+                f"frame length {length} above maximum {self._max_length}",
+            )
+            return _VIOLATION
+        if available < FRAME_HEADER_BYTES:
+            # Wait for the request id, so that the ERROR can carry it.
+            return _NEED_MORE
+        _length, version, msg_type, flags, request_id = _HEADER.unpack_from(
+            data, _take(data, pos, FRAME_HEADER_BYTES)
+        )
+        if version != PROTOCOL_VERSION:
+            self._error = ProtocolError(
+                ERR_UNSUPPORTED_VERSION,
+                f"unsupported protocol version {version}"
+                f" (expected {PROTOCOL_VERSION})",
+                request_id,
+            )
+            return _VIOLATION
+        expected = _BODY_SIZE[msg_type]
+        if expected == _UNKNOWN_TYPE:
+            self._error = ProtocolError(
+                ERR_UNKNOWN_TYPE, f"unknown message type 0x{msg_type:02x}", request_id
+            )
+            return _VIOLATION
+        if flags != 0:
+            self._error = ProtocolError(
+                ERR_BAD_FLAGS, f"reserved flags 0x{flags:04x} set (must be 0)", request_id
+            )
+            return _VIOLATION
+        if expected == _VARIABLE_SIZE:
+            self._error = _error_body_error(
+                data,
+                pos + FRAME_HEADER_BYTES,
+                min(available, LENGTH_PREFIX_BYTES + length) - FRAME_HEADER_BYTES,
+                length - MIN_FRAME_LENGTH,
+                request_id,
+            )
+            if self._error is not None:
+                return _VIOLATION
+            if available < FRAME_HEADER_BYTES + ERROR_BODY_MIN_BYTES:
+                return _NEED_MORE
+        elif length - MIN_FRAME_LENGTH != expected:
+            self._error = _body_length_error(
+                msg_type, length - MIN_FRAME_LENGTH, request_id
+            )
+            return _VIOLATION
+        return LENGTH_PREFIX_BYTES + length
+
+
+# =============================================================================
+# Encoding. Encoders build the whole frame, length prefix included. Their
+# arguments come from the engine, not the peer: a bad one is a bug, reported
+# as ValueError/TypeError, never as a ProtocolError.
+# =============================================================================
+
+
+def _check_unsigned(name: str, value: object, maximum: int, kind: str) -> None:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if value < 0 or value > maximum:
+        raise ValueError(f"{name} {int(value)} out of range for {kind} (0..{maximum})")
+
+
+def _check_signed(
+    name: str, value: object, minimum: int, maximum: int, kind: str
+) -> None:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if value < minimum or value > maximum:
+        raise ValueError(
+            f"{name} {int(value)} out of range for {kind} ({minimum}..{maximum})"
+        )
+
+
+def _check_fixed_bytes(name: str, value: object, size: int) -> bytes:
+    data = _as_bytes(value, name)
+    if len(data) != size:
+        raise ValueError(f"{name} must be {size} bytes, got {len(data)}")
+    return data
+
+
+def _header(msg_type: int, request_id: object, body_size: int) -> bytes:
+    """The 12 header bytes of a frame whose body is body_size bytes."""
+    _check_unsigned("request_id", request_id, _U32_MAX, "u32")
+    return _HEADER.pack(
+        MIN_FRAME_LENGTH + body_size, PROTOCOL_VERSION, msg_type, 0, request_id
+    )
+
+
+def encode_hello(
+    request_id: int, terminal_id: int, key_version: int, client_nonce: bytes
+) -> bytes:
+    """HELLO: who the terminal is, and its fresh nonce.
+
+    >>> len(encode_hello(1, 4242, 1, bytes(16)))
+    34
+    """
+    _check_unsigned("terminal_id", terminal_id, _U32_MAX, "u32")
+    _check_unsigned("key_version", key_version, _U16_MAX, "u16")
+    nonce = _check_fixed_bytes("client_nonce", client_nonce, NONCE_BYTES)
+    return _header(MSG_HELLO, request_id, _HELLO.size) + _HELLO.pack(
+        terminal_id, key_version, nonce
+    )
+
+
+def encode_challenge(request_id: int, server_nonce: bytes) -> bytes:
+    """CHALLENGE: the engine's nonce, the other half of the transcript."""
+    nonce = _check_fixed_bytes("server_nonce", server_nonce, NONCE_BYTES)
+    return _header(MSG_CHALLENGE, request_id, NONCE_BYTES) + nonce
+
+
+def encode_auth(request_id: int, proof: bytes) -> bytes:
+    """AUTH: the terminal's proof that it holds its key."""
+    data = _check_fixed_bytes("proof", proof, PROOF_BYTES)
+    return _header(MSG_AUTH, request_id, PROOF_BYTES) + data
+
+
+def encode_auth_ok(request_id: int, engine_proof: bytes, engine_time_ms: int) -> bytes:
+    """AUTH_OK: the engine's proof and clock; the session is open."""
+    data = _check_fixed_bytes("engine_proof", engine_proof, PROOF_BYTES)
+    _check_unsigned("engine_time_ms", engine_time_ms, _U64_MAX, "u64")
+    return _header(MSG_AUTH_OK, request_id, _AUTH_OK.size) + _AUTH_OK.pack(
+        data, engine_time_ms
+    )
+
+
+def encode_tap(
+    request_id: int,
+    terminal_seq: int,
+    card_uid: int,
+    card_counter: int,
+    event_time_ms: int,
+    tap_flags: int,
+) -> bytes:
+    """TAP: one card presented to a validator.
+
+    >>> decode_tap(encode_tap(1, 1001, 0x04A1B2C3D4E580, 7, 0, 0)[12:])[0]
+    1001
+    """
+    _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
+    _check_unsigned("card_uid", card_uid, _U64_MAX, "u64")
+    _check_unsigned("card_counter", card_counter, _U32_MAX, "u32")
+    _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
+    _check_unsigned("tap_flags", tap_flags, _U8_MAX, "u8")
+    return _header(MSG_TAP, request_id, _TAP.size) + _TAP.pack(
+        terminal_seq, card_uid, card_counter, event_time_ms, tap_flags
+    )
+
+
+def encode_topup(
+    request_id: int,
+    terminal_seq: int,
+    card_uid: int,
+    amount_cents: int,
+    event_time_ms: int,
+) -> bytes:
+    """TOPUP: stored value added at a kiosk."""
+    _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
+    _check_unsigned("card_uid", card_uid, _U64_MAX, "u64")
+    _check_unsigned("amount_cents", amount_cents, _U32_MAX, "u32")
+    _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
+    return _header(MSG_TOPUP, request_id, _TOPUP.size) + _TOPUP.pack(
+        terminal_seq, card_uid, amount_cents, event_time_ms
+    )
+
+
+def encode_reversal(
+    request_id: int, terminal_seq: int, original_seq: int, event_time_ms: int
+) -> bytes:
+    """REVERSAL: cancel an approved TAP or TOPUP of the same terminal."""
+    _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
+    _check_unsigned("original_seq", original_seq, _U64_MAX, "u64")
+    _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
+    return _header(MSG_REVERSAL, request_id, _REVERSAL.size) + _REVERSAL.pack(
+        terminal_seq, original_seq, event_time_ms
+    )
+
+
+def encode_tap_result(
+    request_id: int,
+    terminal_seq: int,
+    result: int,
+    amount_cents: int,
+    balance_cents: int,
+) -> bytes:
+    """TAP_RESULT: the outcome of a TAP, TOPUP or REVERSAL.
+
+    >>> decode_tap_result(encode_tap_result(1, 1001, 0, 150, -35)[12:])
+    (1001, 0, 150, -35)
+    """
+    _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
+    _check_unsigned("result", result, _U8_MAX, "u8")
+    _check_signed("amount_cents", amount_cents, _I32_MIN, _I32_MAX, "i32")
+    _check_signed("balance_cents", balance_cents, _I64_MIN, _I64_MAX, "i64")
+    return _header(MSG_TAP_RESULT, request_id, _TAP_RESULT.size) + _TAP_RESULT.pack(
+        terminal_seq, result, amount_cents, balance_cents
+    )
+
+
+def _encode_ping_like(msg_type: int, request_id: int, payload: int) -> bytes:
+    _check_unsigned("payload", payload, _U64_MAX, "u64")
+    return _header(msg_type, request_id, _PING.size) + _PING.pack(payload)
+
+
+def encode_ping(request_id: int, payload: int) -> bytes:
+    """PING: keep-alive; the peer echoes request_id and payload in a PONG."""
+    return _encode_ping_like(MSG_PING, request_id, payload)
+
+
+def encode_pong(request_id: int, payload: int) -> bytes:
+    """PONG: the echo of a PING."""
+    return _encode_ping_like(MSG_PONG, request_id, payload)
+
+
+def encode_error(request_id: int, code: int, text: str) -> bytes:
+    """ERROR: a protocol fault; the sender closes the connection after it.
+
+    ``text`` is cut to ERROR_TEXT_MAX_BYTES of UTF-8 at a character
+    boundary, so that a long hint never makes the frame invalid.
+
+    >>> decode_error(encode_error(0, 1, "é" * 150)[12:])[1] == "é" * 100
+    True
+    """
+    _check_unsigned("code", code, _U8_MAX, "u8")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, not {type(text).__name__}")
+    # "replace": a lone surrogate in a hint must not stop the ERROR.
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) > ERROR_TEXT_MAX_BYTES:
+        cut = ERROR_TEXT_MAX_BYTES
+        # Back up over continuation bytes (10xxxxxx) so that the character
+        # the cut falls into is dropped whole.
+        while cut > 0 and (encoded[cut] & 0xC0) == 0x80:
+            cut -= 1
+        encoded = encoded[:cut]
+    body_size = ERROR_BODY_MIN_BYTES + len(encoded)
+    return (
+        _header(MSG_ERROR, request_id, body_size)
+        + _ERROR_HEAD.pack(code, len(encoded))
+        + encoded
+    )
+
+
+# =============================================================================
+# Decoding. Decoders take a body as FrameReader returns it. The reader has
+# already checked its length, but a decoder handed a body directly checks
+# again: a wrong length is the peer's fault, hence a ProtocolError.
+# =============================================================================
+
+
+def _fixed_body(msg_type: int, body: object) -> bytes:
+    data = _as_bytes(body, "body")
+    expected = _BODY_SIZE[msg_type]
+    if len(data) != expected:
+        raise _body_length_error(msg_type, len(data), 0)
+    _take(data, 0, expected)
+    return data
+
+
+def decode_hello(body: bytes) -> tuple[int, int, bytes]:
+    """HELLO body -> (terminal_id, key_version, client_nonce)."""
+    terminal_id, key_version, nonce = _HELLO.unpack(_fixed_body(MSG_HELLO, body))
+    return (terminal_id, key_version, nonce)
+
+
+def decode_challenge(body: bytes) -> bytes:
+    """CHALLENGE body -> server_nonce."""
+    return _fixed_body(MSG_CHALLENGE, body)
+
+
+def decode_auth(body: bytes) -> bytes:
+    """AUTH body -> proof."""
+    return _fixed_body(MSG_AUTH, body)
+
+
+def decode_auth_ok(body: bytes) -> tuple[bytes, int]:
+    """AUTH_OK body -> (engine_proof, engine_time_ms)."""
+    proof, engine_time_ms = _AUTH_OK.unpack(_fixed_body(MSG_AUTH_OK, body))
+    return (proof, engine_time_ms)
+
+
+def decode_tap(body: bytes) -> tuple[int, int, int, int, int]:
+    """TAP body -> (terminal_seq, card_uid, card_counter, event_time_ms,
+    tap_flags)."""
+    seq, uid, counter, event_time_ms, tap_flags = _TAP.unpack(
+        _fixed_body(MSG_TAP, body)
+    )
+    return (seq, uid, counter, event_time_ms, tap_flags)
+
+
+def decode_topup(body: bytes) -> tuple[int, int, int, int]:
+    """TOPUP body -> (terminal_seq, card_uid, amount_cents, event_time_ms)."""
+    seq, uid, amount_cents, event_time_ms = _TOPUP.unpack(
+        _fixed_body(MSG_TOPUP, body)
+    )
+    return (seq, uid, amount_cents, event_time_ms)
+
+
+def decode_reversal(body: bytes) -> tuple[int, int, int]:
+    """REVERSAL body -> (terminal_seq, original_seq, event_time_ms)."""
+    seq, original_seq, event_time_ms = _REVERSAL.unpack(
+        _fixed_body(MSG_REVERSAL, body)
+    )
+    return (seq, original_seq, event_time_ms)
+
+
+def decode_tap_result(body: bytes) -> tuple[int, int, int, int]:
+    """TAP_RESULT body -> (terminal_seq, result, amount_cents, balance_cents)."""
+    seq, result, amount_cents, balance_cents = _TAP_RESULT.unpack(
+        _fixed_body(MSG_TAP_RESULT, body)
+    )
+    return (seq, result, amount_cents, balance_cents)
+
+
+def decode_ping(body: bytes) -> int:
+    """PING body -> payload."""
+    payload: int = _PING.unpack(_fixed_body(MSG_PING, body))[0]
+    return payload
+
+
+def decode_pong(body: bytes) -> int:
+    """PONG body -> payload."""
+    payload: int = _PING.unpack(_fixed_body(MSG_PONG, body))[0]
+    return payload
+
+
+def decode_error(body: bytes) -> tuple[int, str]:
+    """ERROR body -> (code, text). Invalid UTF-8 is replaced, never raised:
+    the text is only a hint, and a bad one must not hide the code."""
+    data = _as_bytes(body, "body")
+    error = _error_body_error(data, 0, len(data), len(data), 0)
+    if error is not None:
+        raise error
+    _take(data, 0, len(data))
+    return (data[0], data[ERROR_BODY_MIN_BYTES:].decode("utf-8", "replace"))
+
+
+# =============================================================================
+# Handshake proofs (docs/protocol.md, AUTH)
+# =============================================================================
+
+
+def _transcript(
+    terminal_id: int, key_version: int, client_nonce: bytes, server_nonce: bytes
+) -> bytes:
+    """terminal_id u32 || key_version u16 || client_nonce || server_nonce."""
+    _check_unsigned("terminal_id", terminal_id, _U32_MAX, "u32")
+    _check_unsigned("key_version", key_version, _U16_MAX, "u16")
+    client = _check_fixed_bytes("client_nonce", client_nonce, NONCE_BYTES)
+    server = _check_fixed_bytes("server_nonce", server_nonce, NONCE_BYTES)
+    return _TRANSCRIPT_HEAD.pack(terminal_id, key_version) + client + server
+
+
+def _proof(
+    label: bytes,
+    key: bytes,
+    terminal_id: int,
+    key_version: int,
+    client_nonce: bytes,
+    server_nonce: bytes,
+) -> bytes:
+    secret = _check_fixed_bytes("key", key, TERMINAL_KEY_BYTES)
+    transcript = _transcript(terminal_id, key_version, client_nonce, server_nonce)
+    return _hmac.digest(secret, label + transcript, "sha256")
+
+
+def terminal_proof(
+    key: bytes,
+    terminal_id: int,
+    key_version: int,
+    client_nonce: bytes,
+    server_nonce: bytes,
+) -> bytes:
+    """HMAC-SHA256(key, "citycard/v1/terminal-proof" || transcript): what the
+    terminal sends in AUTH. Compare with hmac.compare_digest, never ==."""
+    return _proof(
+        TERMINAL_PROOF_LABEL, key, terminal_id, key_version, client_nonce, server_nonce
+    )
+
+
+def engine_proof(
+    key: bytes,
+    terminal_id: int,
+    key_version: int,
+    client_nonce: bytes,
+    server_nonce: bytes,
+) -> bytes:
+    """HMAC-SHA256(key, "citycard/v1/engine-proof" || transcript): what the
+    engine sends in AUTH_OK to prove it knows the terminal's key too."""
+    return _proof(
+        ENGINE_PROOF_LABEL, key, terminal_id, key_version, client_nonce, server_nonce
+    )

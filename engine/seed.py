@@ -1,0 +1,445 @@
+"""A synthetic Gijón: profiles, services, tariffs, terminals, holders and cards.
+
+Tests, benchmarks and load tests need a city shaped like the real one: about
+20 services with the bus taking three quarters of the traffic, concession
+profiles in realistic proportions, a few hundred terminals, and (for the
+benchmarks) 340,000 cards. ``seed_city`` builds one, deterministically from a
+seed, in a single transaction, with bulk COPY so the full city takes seconds.
+
+Everything here is synthetic. Service names follow Gijón's municipal services;
+fares are illustrative integer cents in the range of the city's public price
+lists, not a copy of them (see SERVICES).
+
+Ids, chosen so that the engine's own ids never collide with them:
+
+- account 1 is the funding account ("cash and opening balances", kind 2);
+- account 100 + service id is that service's revenue account (kind 1);
+- account 1,000,000 + holder id is that holder's card account (kind 0);
+- holders are numbered 1..N, terminals 1..T;
+- the opening balances are ledger transfer 1, with no batch (the writer
+  numbers its transfers from batch ids, above every existing transfer).
+
+Example::
+
+    summary = await seed_city(conn, cards=200)
+    summary.cards  # 200
+    terminals = await list_terminals(conn)
+    cards = await sample_cards(conn, 10)
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from dataclasses import dataclass
+
+import asyncpg
+
+from engine.codes import CardStatus, TerminalKind
+from engine.limits import BALANCE_MAX_CENTS
+
+DEFAULT_SEED = 2026
+
+# Gijón has ~340,000 holders; tests use a few hundred. The upper bound keeps a
+# typo from trying to build a city of a billion cards.
+CARDS_MAX = 5_000_000
+
+FUNDING_ACCOUNT_ID = 1
+FUNDING_ACCOUNT_NAME = "cash and opening balances"
+# Funding goes negative by design (money entering the system); -(2**62) is
+# far below any sum the engine could reach and still far from bigint overflow.
+FUNDING_FLOOR_CENTS = -(2**62)
+REVENUE_ACCOUNT_BASE = 100
+CARD_ACCOUNT_BASE = 1_000_000
+OPENING_TRANSFER_ID = 1
+OPENING_TRANSFER_KIND = 3  # ledger_transfers.kind: opening balance / adjustment
+
+# Card accounts may not go below zero: the city tolerates no debt on seeded
+# cards (the schema would allow down to -1,000 EUR).
+CARD_FLOOR_CENTS = 0
+
+# Opening balances: a quarter of cards hold nothing (identification-only and
+# concession cards topped up when needed); the rest hold a skewed amount with
+# a mean around 15 EUR, capped at 50 EUR (most top-ups are 5-20 EUR).
+OPENING_ZERO_SHARE = 0.25
+OPENING_MEAN_CENTS = 1500
+OPENING_MAX_CENTS = 5000
+
+# About 12,000 replacements a year on ~340,000 cards leaves ~1% of cards
+# blocked or lost at any time; lost ones a little rarer than blocked.
+NOT_ACTIVE_SHARE = 0.01
+LOST_SHARE_OF_NOT_ACTIVE = 0.4
+
+# ISO 14443 7-byte UIDs start with the manufacturer code; 0x04 is NXP, maker
+# of the MIFARE DESFire cards city cards typically use. The other six bytes
+# are random, so a uid is a positive integer below 2**56.
+UID_MANUFACTURER_BYTE = 0x04
+
+# Ages are computed from a fixed date, not today, so a seed gives the same
+# city whenever it runs.
+REFERENCE_DATE = datetime.date(2026, 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A holder profile: a tariff column. ``share`` is the fraction of holders."""
+
+    id: int
+    code: str
+    name: str
+    share: float
+    age_min: int
+    age_max: int
+
+
+# The mix of holders by profile. Assumptions, not official card statistics:
+# Gijón has ~270,000 inhabitants, about a quarter over 65 (Asturias is Spain's
+# oldest region), so pensioners are the largest concession group; students
+# and young people (carné joven, 14-30) follow; registered unemployment is
+# around 6% of residents, but only some claim the concession; large families
+# and disability concessions are small groups; most children under 12 ride
+# free without a card, so few hold one. Shares sum to 1.
+PROFILES: tuple[Profile, ...] = (
+    Profile(0, "standard", "General", 0.55, 18, 64),
+    Profile(1, "student", "Estudiante", 0.12, 12, 25),
+    Profile(2, "young", "Joven (carné joven)", 0.08, 14, 30),
+    Profile(3, "pensioner", "Pensionista / mayor de 65", 0.17, 65, 95),
+    Profile(4, "unemployed", "Persona desempleada", 0.03, 18, 64),
+    Profile(5, "large_family", "Familia numerosa", 0.02, 4, 60),
+    Profile(6, "disability", "Persona con discapacidad", 0.01, 6, 90),
+    Profile(7, "child", "Infantil", 0.02, 4, 11),
+)
+
+NO = None  # this service does not serve that profile: no tariff row
+
+# Fares by profile, in the order of PROFILES:
+#   standard, student, young, pensioner, unemployed, large_family, disability, child
+FREE = (0, 0, 0, 0, 0, 0, 0, 0)  # identification only: the tap debits nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A municipal service: its fares, its terminals and its share of traffic."""
+
+    id: int
+    code: str
+    name: str
+    fares: tuple[int | None, ...]  # cents by profile id; None = not served
+    terminals: int
+    terminal_kind: TerminalKind
+    traffic_permille: int  # share of all taps, for load generators
+
+
+# About 20 services modelled on Gijón's card services. The bus (EMTUSA) takes
+# ~3/4 of uses; libraries, pools and sports centres most of the rest.
+# Terminal counts are sized to the brief: a few hundred bus validators, and
+# gates or validators per site elsewhere.
+_VALIDATOR = TerminalKind.VALIDATOR
+_KIOSK = TerminalKind.KIOSK
+
+SERVICES: tuple[Service, ...] = (
+    # id, code, name
+    #     fares by profile, terminals, terminal kind, traffic permille
+    Service(0, "bus", "Autobús urbano (EMTUSA)",
+            (100, 50, 60, 30, 30, 60, 30, 0), 240, _VALIDATOR, 750),
+    Service(1, "library_access", "Bibliotecas municipales: acceso",
+            FREE, 24, _VALIDATOR, 50),
+    Service(2, "library_loans", "Bibliotecas municipales: préstamo",
+            FREE, 12, _VALIDATOR, 20),
+    Service(3, "pools", "Piscinas municipales",
+            (400, 250, 250, 200, 150, 250, 150, 150), 14, _VALIDATOR, 40),
+    Service(4, "sports_centres", "Polideportivos municipales",
+            (350, 220, 220, 180, 120, 220, 120, 120), 20, _VALIDATOR, 40),
+    Service(5, "sports_courts", "Pistas deportivas (reserva)",
+            (600, 400, 400, 300, 300, 400, 300, 300), 8, _VALIDATOR, 5),
+    # Nobody under 12 parks a car or rides a public bike alone: no child tariff.
+    Service(6, "parking", "Aparcamientos municipales",
+            (150, 150, 150, 150, 150, 150, 75, NO), 16, _VALIDATOR, 20),
+    Service(7, "street_parking", "Estacionamiento regulado (ORA)",
+            (120, 120, 120, 120, 120, 120, 0, NO), 30, _VALIDATOR, 10),
+    Service(8, "bikes", "Gijón-Bici (bicicleta pública)",
+            (50, 25, 25, 25, 25, 25, 25, NO), 30, _VALIDATOR, 20),
+    Service(9, "museums", "Museos municipales",
+            (250, 120, 120, 120, 0, 120, 0, 0), 8, _VALIDATOR, 5),
+    Service(10, "botanic_garden", "Jardín Botánico Atlántico",
+            (300, 150, 150, 150, 0, 150, 0, 0), 2, _VALIDATOR, 3),
+    Service(11, "civic_centres", "Centros municipales integrados",
+            FREE, 14, _VALIDATOR, 10),
+    Service(12, "courses", "Universidad Popular (cursos)",
+            FREE, 4, _VALIDATOR, 3),
+    # Play rooms are for children, senior centres for pensioners: one profile each.
+    Service(13, "play_rooms", "Ludotecas",
+            (NO, NO, NO, NO, NO, NO, NO, 0), 6, _VALIDATOR, 2),
+    Service(14, "senior_centres", "Centros sociales de personas mayores",
+            (NO, NO, NO, 0, NO, NO, NO, NO), 8, _VALIDATOR, 4),
+    Service(15, "recycling_points", "Puntos limpios (EMULSA)",
+            FREE, 6, _VALIDATOR, 3),
+    Service(16, "telecentres", "Telecentros (acceso a internet)",
+            FREE, 10, _VALIDATOR, 2),
+    Service(17, "register_office", "Registro y padrón (identificación)",
+            FREE, 4, _VALIDATOR, 2),
+    # Kiosks and ATMs take top-ups and issue certificates: identification
+    # taps debit nothing; their money comes in through the funding account.
+    Service(18, "kiosks", "Puntos de atención ciudadana (quioscos)",
+            FREE, 24, _KIOSK, 7),
+    Service(19, "atms", "Cajeros ciudadanos",
+            FREE, 12, _KIOSK, 4),
+)  # fmt: skip
+
+
+class AlreadySeeded(Exception):
+    """The database already holds a city; seeding twice would mix two."""
+
+
+@dataclass(frozen=True, slots=True)
+class SeedSummary:
+    """What ``seed_city`` wrote. Equal for equal seeds and card counts."""
+
+    seed: int
+    profiles: int
+    services: int
+    tariffs: int
+    terminals: int
+    kiosks: int
+    holders: int
+    cards: int
+    cards_not_active: int
+    cards_by_profile: tuple[int, ...]  # indexed by profile id
+    opening_balance_cents: int  # total credited to cards, debited to funding
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalInfo:
+    """A terminal as load generators and tests need it."""
+
+    id: int
+    service_id: int
+    service_code: str
+    kind: int
+    status: int
+    key_version: int
+    funding_account_id: int | None
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CardSample:
+    """A card with what a test needs to predict the engine's answer."""
+
+    uid: int
+    holder_id: int
+    account_id: int
+    profile_id: int
+    status: int
+    balance_cents: int
+
+
+async def seed_city(conn: asyncpg.Connection, cards: int, *, seed: int = DEFAULT_SEED) -> SeedSummary:
+    """Write a synthetic city with ``cards`` holders (one card each) into an
+    empty, migrated database, in one transaction.
+
+    Example::
+
+        summary = await seed_city(conn, 340_000)  # a few seconds
+        summary.cards_by_profile[3]  # ~57,800 pensioners
+    """
+    if not 0 <= cards <= CARDS_MAX:
+        raise ValueError(f"cards must be between 0 and {CARDS_MAX}, got {cards}")
+    city = _generate(cards, seed)
+    async with conn.transaction():
+        # A second seeder waits here, then finds the first one's cards.
+        await conn.execute("LOCK TABLE cards, services IN SHARE ROW EXCLUSIVE MODE")
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM cards) OR EXISTS (SELECT 1 FROM services)"):
+            raise AlreadySeeded("the database already has services or cards; seed a fresh database")
+        await _write(conn, city)
+    # Fresh statistics, so the first queries on 340,000 cards are planned well.
+    await conn.execute("ANALYZE holders, accounts, cards, ledger_entries")
+    return city.summary
+
+
+async def list_terminals(conn: asyncpg.Connection) -> list[TerminalInfo]:
+    """Every terminal, by id, with its service code."""
+    rows = await conn.fetch(
+        "SELECT t.id, t.service_id, s.code, t.kind, t.status, t.key_version, t.funding_account_id, t.name"
+        " FROM terminals t JOIN services s ON s.id = t.service_id ORDER BY t.id"
+    )
+    return [TerminalInfo(*row) for row in rows]
+
+
+async def sample_cards(
+    conn: asyncpg.Connection, n: int, *, seed: int = 0, active_only: bool = True
+) -> list[CardSample]:
+    """``n`` cards (fewer if the city is smaller), the same ones for the same
+    seed, ordered by a hash of uid and seed rather than by uid."""
+    rows = await conn.fetch(
+        "SELECT c.uid, c.holder_id, c.account_id, h.profile_id, c.status, a.balance_cents"
+        " FROM cards c JOIN holders h ON h.id = c.holder_id JOIN accounts a ON a.id = c.account_id"
+        " WHERE NOT $3 OR c.status = 0"
+        " ORDER BY md5(c.uid::text || ':' || $2::bigint::text), c.uid LIMIT $1",
+        n,
+        seed,
+        active_only,
+    )
+    return [CardSample(*row) for row in rows]
+
+
+def traffic_weights() -> dict[int, int]:
+    """Service id -> share of taps in permille (sums to 1000)."""
+    return {service.id: service.traffic_permille for service in SERVICES}
+
+
+# --- generation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _City:
+    holders: list[tuple[int, int, datetime.date]]
+    accounts: list[tuple[int, int, str, int, int, int]]
+    cards: list[tuple[int, int, int, int]]
+    entries: list[tuple[int, int, int]]
+    terminals: list[tuple[int, int, int, str, int | None]]
+    summary: SeedSummary
+
+
+def _generate(cards: int, seed: int) -> _City:
+    rng = random.Random(seed)
+    profile_of = _profile_column(cards, rng)
+
+    holders: list[tuple[int, int, datetime.date]] = []
+    accounts: list[tuple[int, int, str, int, int, int]] = []
+    card_rows: list[tuple[int, int, int, int]] = []
+    entries: list[tuple[int, int, int]] = []
+    uids: set[int] = set()
+    reference_day = REFERENCE_DATE.toordinal()
+    uid_prefix = UID_MANUFACTURER_BYTE << 48
+    ages = [(profile.age_min * 365, profile.age_max * 365 + 364) for profile in PROFILES]
+    by_profile = [0] * len(PROFILES)
+    not_active = 0
+    total = 0
+    for index in range(cards):
+        holder_id = index + 1
+        account_id = CARD_ACCOUNT_BASE + holder_id
+        profile_id = profile_of[index]
+        by_profile[profile_id] += 1
+        low, high = ages[profile_id]
+        birth = datetime.date.fromordinal(reference_day - rng.randint(low, high))
+        holders.append((holder_id, profile_id, birth))
+
+        uid = uid_prefix | rng.getrandbits(48)
+        while uid in uids:  # ~1 collision in 5,000 cities of 340,000 cards
+            uid = uid_prefix | rng.getrandbits(48)
+        uids.add(uid)
+
+        status = CardStatus.ACTIVE
+        if rng.random() < NOT_ACTIVE_SHARE:
+            status = CardStatus.LOST if rng.random() < LOST_SHARE_OF_NOT_ACTIVE else CardStatus.BLOCKED
+            not_active += 1
+        card_rows.append((uid, holder_id, account_id, int(status)))
+
+        balance = 0
+        if rng.random() >= OPENING_ZERO_SHARE:
+            balance = min(OPENING_MAX_CENTS, 1 + int(rng.expovariate(1 / OPENING_MEAN_CENTS)))
+        accounts.append((account_id, 0, f"card {holder_id}", balance, CARD_FLOOR_CENTS, BALANCE_MAX_CENTS))
+        if balance:
+            entries.append((OPENING_TRANSFER_ID, account_id, balance))
+            total += balance
+    if total:
+        entries.append((OPENING_TRANSFER_ID, FUNDING_ACCOUNT_ID, -total))
+
+    terminals = _terminals()
+    summary = SeedSummary(
+        seed=seed,
+        profiles=len(PROFILES),
+        services=len(SERVICES),
+        tariffs=sum(fare is not None for service in SERVICES for fare in service.fares),
+        terminals=len(terminals),
+        kiosks=sum(1 for terminal in terminals if terminal[2] == TerminalKind.KIOSK),
+        holders=cards,
+        cards=cards,
+        cards_not_active=not_active,
+        cards_by_profile=tuple(by_profile),
+        opening_balance_cents=total,
+    )
+    return _City(holders, accounts, card_rows, entries, terminals, summary)
+
+
+def _profile_column(cards: int, rng: random.Random) -> list[int]:
+    """Profile ids for ``cards`` holders: exact shares (largest remainder), shuffled."""
+    quotas = [profile.share * cards for profile in PROFILES]
+    counts = [int(quota) for quota in quotas]
+    by_remainder = sorted(range(len(PROFILES)), key=lambda i: (quotas[i] - counts[i], -i), reverse=True)
+    for i in by_remainder[: cards - sum(counts)]:
+        counts[i] += 1
+    column = [profile.id for profile, count in zip(PROFILES, counts, strict=True) for _ in range(count)]
+    rng.shuffle(column)
+    return column
+
+
+def _terminals() -> list[tuple[int, int, int, str, int | None]]:
+    """(id, service_id, kind, name, funding_account_id), numbered from 1."""
+    rows: list[tuple[int, int, int, str, int | None]] = []
+    for service in SERVICES:
+        kiosk = service.terminal_kind == TerminalKind.KIOSK
+        for number in range(1, service.terminals + 1):
+            rows.append(
+                (
+                    len(rows) + 1,
+                    service.id,
+                    int(service.terminal_kind),
+                    f"{service.code}-{number:03d}",
+                    FUNDING_ACCOUNT_ID if kiosk else None,
+                )
+            )
+    return rows
+
+
+async def _write(conn: asyncpg.Connection, city: _City) -> None:
+    await conn.executemany(
+        "INSERT INTO profiles (id, code, name) VALUES ($1, $2, $3)",
+        [(profile.id, profile.code, profile.name) for profile in PROFILES],
+    )
+    system_accounts = [(FUNDING_ACCOUNT_ID, 2, FUNDING_ACCOUNT_NAME, 0, FUNDING_FLOOR_CENTS, 2**63 - 1)]
+    system_accounts += [
+        (REVENUE_ACCOUNT_BASE + service.id, 1, f"revenue: {service.code}", 0, 0, 2**63 - 1) for service in SERVICES
+    ]
+    # The funding balance is written once the entries are in (below), so the
+    # account row never shows a state the ledger does not explain.
+    await conn.copy_records_to_table("accounts", records=system_accounts, columns=_ACCOUNT_COLUMNS)
+    await conn.copy_records_to_table("accounts", records=city.accounts, columns=_ACCOUNT_COLUMNS)
+    await conn.executemany(
+        "INSERT INTO services (id, code, name, revenue_account_id) VALUES ($1, $2, $3, $4)",
+        [(service.id, service.code, service.name, REVENUE_ACCOUNT_BASE + service.id) for service in SERVICES],
+    )
+    await conn.copy_records_to_table(
+        "tariffs",
+        records=[
+            (service.id, profile_id, fare)
+            for service in SERVICES
+            for profile_id, fare in enumerate(service.fares)
+            if fare is not None
+        ],
+        columns=("service_id", "profile_id", "fare_cents"),
+    )
+    await conn.copy_records_to_table(
+        "terminals", records=city.terminals, columns=("id", "service_id", "kind", "name", "funding_account_id")
+    )
+    await conn.copy_records_to_table("holders", records=city.holders, columns=("id", "profile_id", "birth_date"))
+    await conn.copy_records_to_table("cards", records=city.cards, columns=("uid", "holder_id", "account_id", "status"))
+    if city.entries:
+        await conn.execute(
+            "INSERT INTO ledger_transfers (id, batch_id, kind, service_id) VALUES ($1, NULL, $2, NULL)",
+            OPENING_TRANSFER_ID,
+            OPENING_TRANSFER_KIND,
+        )
+        # One COPY is one statement: the balance trigger sees the whole transfer.
+        await conn.copy_records_to_table(
+            "ledger_entries", records=city.entries, columns=("transfer_id", "account_id", "amount_cents")
+        )
+        await conn.execute(
+            "UPDATE accounts SET balance_cents = $2 WHERE id = $1",
+            FUNDING_ACCOUNT_ID,
+            -city.summary.opening_balance_cents,
+        )
+
+
+_ACCOUNT_COLUMNS = ("id", "kind", "name", "balance_cents", "floor_cents", "ceiling_cents")
