@@ -1,0 +1,252 @@
+"""The test vectors of docs/protocol.md, checked against both codec twins.
+
+The vectors are read FROM the markdown (section "Test vectors"), so the
+document a vendor implements from and the engine's codec cannot drift
+apart: a changed byte in either fails here. The block format (```vector,
+```handshake and ```reject fences of ``key: value`` lines) is described in
+that section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from engine.codes import ErrorCode, MessageType, ResultCode
+
+PROTOCOL_DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+# --- The twins (same rule as tests/test_codec.py) ------------------------------
+
+TWIN_MODULES = {"cython": "engine._fastpath", "pure": "engine._fastpath_py"}
+
+
+def load_twin(name: str) -> ModuleType:
+    """Import one twin; a missing compiled twin fails unless disabled."""
+    try:
+        return importlib.import_module(TWIN_MODULES[name])
+    except ImportError as exc:
+        if name == "cython" and os.environ.get("CITYCARD_NO_EXTENSIONS", "") not in (
+            "", "0",
+        ):
+            pytest.skip(
+                "CITYCARD_NO_EXTENSIONS is set and engine._fastpath is not"
+                " built: testing the pure twin only"
+            )
+        pytest.fail(
+            f"cannot import {TWIN_MODULES[name]} ({exc}); build it with"
+            " `.venv/bin/cythonize -i -3 engine/_fastpath.pyx`, or set"
+            " CITYCARD_NO_EXTENSIONS=1 to test the pure twin only"
+        )
+
+
+@pytest.fixture(scope="module", params=list(TWIN_MODULES))
+def fp(request: pytest.FixtureRequest) -> ModuleType:
+    return load_twin(request.param)
+
+
+# --- Reading the vectors from the document ----------------------------------------
+
+# The body fields of each message, in table order, with how to read them.
+FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "HELLO": (("terminal_id", "int"), ("key_version", "int"), ("client_nonce", "hex")),
+    "CHALLENGE": (("server_nonce", "hex"),),
+    "AUTH": (("proof", "hex"),),
+    "AUTH_OK": (("engine_proof", "hex"), ("engine_time_ms", "int")),
+    "TAP": (
+        ("terminal_seq", "int"), ("card_uid", "int"), ("card_counter", "int"),
+        ("event_time_ms", "int"), ("tap_flags", "int"),
+    ),
+    "TOPUP": (
+        ("terminal_seq", "int"), ("card_uid", "int"), ("amount_cents", "int"),
+        ("event_time_ms", "int"),
+    ),
+    "REVERSAL": (("terminal_seq", "int"), ("original_seq", "int"), ("event_time_ms", "int")),
+    "TAP_RESULT": (
+        ("terminal_seq", "int"), ("result", "result"), ("amount_cents", "int"),
+        ("balance_cents", "int"),
+    ),
+    "PING": (("payload", "int"),),
+    "PONG": (("payload", "int"),),
+    "ERROR": (("code", "error"), ("text", "text")),
+}
+assert set(FIELDS) == {member.name for member in MessageType}
+
+BLOCK = re.compile(r"^```(vector|handshake|reject)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+INTEGER = re.compile(r"-?(?:0x[0-9a-f]+|0|[1-9][0-9]*)")
+HEX = re.compile(r"(?:[0-9a-f]{2}| )*")
+
+
+def vectors_section() -> str:
+    text = PROTOCOL_DOC.read_text(encoding="utf-8")
+    start = text.index("\n## Test vectors\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def parse_block(body: str) -> dict[str, str]:
+    """``key: value`` lines; an indented line continues the value above."""
+    fields: dict[str, str] = {}
+    key = None
+    for line in body.splitlines():
+        if line[:1].isspace():
+            assert key is not None, f"continuation line without a key: {line!r}"
+            fields[key] += " " + line.strip()
+            continue
+        key, colon, value = line.partition(":")
+        assert colon and key == key.strip() and key not in fields, line
+        fields[key] = value.strip()
+    return fields
+
+
+def parse_value(kind: str, text: str) -> Any:
+    if kind == "int":
+        assert INTEGER.fullmatch(text), f"not an integer: {text!r}"
+        return int(text, 0)
+    if kind == "hex":
+        assert HEX.fullmatch(text), f"not hex: {text!r}"
+        return bytes.fromhex(text)
+    if kind == "text":
+        value = json.loads(text)
+        assert isinstance(value, str)
+        return value
+    # "result" / "error": the number, then its name, which must agree.
+    number, name = text.split()
+    enum = ResultCode if kind == "result" else ErrorCode
+    assert enum(int(number)).name == name, f"{number} is not {name}"
+    return int(number)
+
+
+BLOCKS = [(kind, parse_block(body)) for kind, body in BLOCK.findall(vectors_section())]
+VECTORS = [fields for kind, fields in BLOCKS if kind == "vector"]
+REJECTS = [fields for kind, fields in BLOCKS if kind == "reject"]
+[HANDSHAKE] = [fields for kind, fields in BLOCKS if kind == "handshake"]
+
+
+def vector_fields(vector: dict[str, str]) -> tuple[Any, ...]:
+    return tuple(
+        parse_value(kind, vector[name]) for name, kind in FIELDS[vector["message"]]
+    )
+
+
+def vector_id(vector: dict[str, str]) -> str:
+    return f"{vector['message']}-request-{vector['request_id']}"
+
+
+# --- The document -------------------------------------------------------------------
+
+
+def test_every_message_type_has_a_vector() -> None:
+    assert {vector["message"] for vector in VECTORS} == set(FIELDS)
+    results = [
+        vector_fields(vector) for vector in VECTORS if vector["message"] == "TAP_RESULT"
+    ]
+    assert any(result == ResultCode.APPROVED for _, result, _, _ in results)
+    assert any(result != ResultCode.APPROVED for _, result, _, _ in results)
+    assert any(balance < 0 for _, _, _, balance in results)
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=vector_id)
+def test_vector_is_well_formed(vector: dict[str, str]) -> None:
+    """Keys in the documented order; the frame's header matches them."""
+    names = [name for name, _kind in FIELDS[vector["message"]]]
+    assert list(vector) == ["message", "request_id", *names, "frame"]
+    assert HEX.fullmatch(vector["frame"])
+    frame = bytes.fromhex(vector["frame"])
+    length, version, msg_type, flags, request_id = struct.unpack_from(">IBBHI", frame)
+    assert length == len(frame) - 4
+    assert (version, msg_type, flags) == (1, MessageType[vector["message"]], 0)
+    assert request_id == parse_value("int", vector["request_id"])
+    # The first line of the frame is exactly the header, split by field.
+    assert vector["frame"].split()[:5] == [
+        frame[0:4].hex(), frame[4:5].hex(), frame[5:6].hex(), frame[6:8].hex(),
+        frame[8:12].hex(),
+    ]
+
+
+# --- Both twins ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=vector_id)
+def test_vector_encodes(fp: ModuleType, vector: dict[str, str]) -> None:
+    encode = getattr(fp, f"encode_{vector['message'].lower()}")
+    request_id = parse_value("int", vector["request_id"])
+    assert encode(request_id, *vector_fields(vector)).hex() == bytes.fromhex(
+        vector["frame"]
+    ).hex()
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=vector_id)
+def test_vector_decodes(fp: ModuleType, vector: dict[str, str]) -> None:
+    frame = bytes.fromhex(vector["frame"])
+    reader = fp.FrameReader()
+    [(msg_type, request_id, body)] = reader.feed(frame)
+    assert reader.error is None and reader.buffered() == 0
+    assert msg_type == MessageType[vector["message"]]
+    assert request_id == parse_value("int", vector["request_id"])
+    fields = vector_fields(vector)
+    decoded = getattr(fp, f"decode_{vector['message'].lower()}")(body)
+    assert decoded == (fields if len(fields) > 1 else fields[0])
+
+
+@pytest.mark.parametrize(
+    "reject", REJECTS, ids=[f"reject-{r['error'].split()[1]}" for r in REJECTS]
+)
+def test_rejected_frame(fp: ModuleType, reject: dict[str, str]) -> None:
+    data = bytes.fromhex(reject["frame"])
+    reader = fp.FrameReader()
+    for index in range(len(data) - 1):  # not a byte early...
+        assert reader.feed(data[index : index + 1]) == []
+        assert reader.error is None
+    assert reader.feed(data[-1:]) == []  # ...and not a byte late
+    assert reader.error is not None
+    assert reader.error.code == parse_value("error", reject["error"])
+    assert reader.error.request_id == parse_value("int", reject["request_id"])
+
+
+def test_handshake_worked_example(fp: ModuleType) -> None:
+    assert list(HANDSHAKE) == [
+        "terminal_key", "terminal_id", "key_version", "client_nonce",
+        "server_nonce", "transcript", "terminal_proof", "engine_proof",
+    ]
+    key = parse_value("hex", HANDSHAKE["terminal_key"])
+    terminal_id = parse_value("int", HANDSHAKE["terminal_id"])
+    key_version = parse_value("int", HANDSHAKE["key_version"])
+    client_nonce = parse_value("hex", HANDSHAKE["client_nonce"])
+    server_nonce = parse_value("hex", HANDSHAKE["server_nonce"])
+    transcript = parse_value("hex", HANDSHAKE["transcript"])
+    terminal_proof = parse_value("hex", HANDSHAKE["terminal_proof"])
+    engine_proof = parse_value("hex", HANDSHAKE["engine_proof"])
+    assert key == bytes(range(32))
+
+    # The document's formula, computed here without the codec...
+    assert transcript == (
+        struct.pack(">IH", terminal_id, key_version) + client_nonce + server_nonce
+    )
+    assert terminal_proof == hmac.new(
+        key, b"citycard/v1/terminal-proof" + transcript, hashlib.sha256
+    ).digest()
+    assert engine_proof == hmac.new(
+        key, b"citycard/v1/engine-proof" + transcript, hashlib.sha256
+    ).digest()
+    # ...and by the codec.
+    inputs = (key, terminal_id, key_version, client_nonce, server_nonce)
+    assert fp.terminal_proof(*inputs) == terminal_proof
+    assert fp.engine_proof(*inputs) == engine_proof
+
+    # The message vectors are this very exchange.
+    first = {v["message"]: vector_fields(v) for v in reversed(VECTORS)}
+    assert first["HELLO"] == (terminal_id, key_version, client_nonce)
+    assert first["CHALLENGE"] == (server_nonce,)
+    assert first["AUTH"] == (terminal_proof,)
+    assert first["AUTH_OK"][0] == engine_proof
