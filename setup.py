@@ -22,7 +22,7 @@ class OptionalBuildExt(build_ext):
     def run(self):
         try:
             super().run()
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             if os.environ.get("CITYCARD_REQUIRE_EXTENSION"):
                 raise
             print(f"WARNING: the compiled fast path was not built ({error}); using the pure-Python twin")
@@ -30,7 +30,7 @@ class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             if os.environ.get("CITYCARD_REQUIRE_EXTENSION"):
                 raise
             print(f"WARNING: {ext.name} was not built ({error}); using the pure-Python twin")

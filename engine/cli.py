@@ -29,9 +29,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import orjson
 
-from engine import __version__, fastpath
+from engine import __version__, fastpath, logs
 from engine.blocking_client import BlockingTerminalClient
 from engine.client import AuthenticationError, ConnectionLost, EngineError
 from engine.db import DatabaseUnavailable, connect, default_data_dir, describe_dsn, resolve_database
@@ -50,6 +51,10 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 log = logging.getLogger("citycard")
+
+
+class EngineFailure(Exception):
+    """The engine stopped itself on a bug (exit code 1)."""
 
 
 class UsageError(Exception):
@@ -145,9 +150,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 async def _seed(dsn: str, cards: int, seed: int) -> object:
-    async def work(conn: object) -> object:
-        await migrate(conn)  # type: ignore[arg-type]
-        return await seed_city(conn, cards, seed=seed)  # type: ignore[arg-type]
+    async def work(conn: asyncpg.Connection) -> object:
+        await migrate(conn)
+        return await seed_city(conn, cards, seed=seed)
 
     return await _with_connection(dsn, work)
 
@@ -164,9 +169,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 def _as_dict(value: object) -> object:
     if hasattr(value, "__struct_fields__"):
-        return {name: getattr(value, name) for name in value.__struct_fields__}  # type: ignore[attr-defined]
+        return {name: getattr(value, name) for name in value.__struct_fields__}
     if hasattr(value, "__dataclass_fields__"):
-        return {name: getattr(value, name) for name in value.__dataclass_fields__}  # type: ignore[attr-defined]
+        return {name: getattr(value, name) for name in value.__dataclass_fields__}
     return value
 
 
@@ -207,9 +212,13 @@ async def _serve(config: EngineConfig, banner: Callable[[Engine], None] | None =
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    stopped = asyncio.ensure_future(stop.wait())
+    failed = asyncio.ensure_future(engine.failed.wait())
+    await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
     log.info("stopping")
     await engine.stop()
+    if engine.failed.is_set():
+        raise EngineFailure("the engine stopped on an internal error (see the log above)")
 
 
 def _run_serve(config: EngineConfig, banner: Callable[[Engine], None] | None = None) -> None:
@@ -244,16 +253,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _count_cards(dsn: str) -> int:
-    async def work(conn: object) -> int:
-        await migrate(conn)  # type: ignore[arg-type]
-        return int(await conn.fetchval("SELECT count(*) FROM cards"))  # type: ignore[attr-defined]
+    async def work(conn: asyncpg.Connection) -> int:
+        await migrate(conn)
+        return int(await conn.fetchval("SELECT count(*) FROM cards"))
 
     return int(await _with_connection(dsn, work))  # type: ignore[call-overload]
 
 
 async def _first_terminal_and_card(dsn: str) -> tuple[int, int]:
-    async def work(conn: object) -> tuple[int, int]:
-        row = await conn.fetchrow(  # type: ignore[attr-defined]
+    async def work(conn: asyncpg.Connection) -> tuple[int, int]:
+        row = await conn.fetchrow(
             "SELECT (SELECT t.id FROM terminals t JOIN services s ON s.id = t.service_id"
             "        WHERE t.kind = 0 ORDER BY t.id LIMIT 1) AS terminal,"
             " (SELECT c.uid FROM cards c JOIN accounts a ON a.id = c.account_id"
@@ -328,8 +337,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
 def cmd_terminal_key(args: argparse.Namespace) -> int:
     master = load_master_key(_data_dir(args), create=False)
 
-    async def key_version(conn: object) -> int | None:
-        value = await conn.fetchval("SELECT key_version FROM terminals WHERE id = $1", args.terminal)  # type: ignore[attr-defined]
+    async def key_version(conn: asyncpg.Connection) -> int | None:
+        value = await conn.fetchval("SELECT key_version FROM terminals WHERE id = $1", args.terminal)
         return None if value is None else int(value)
 
     with resolve_database(args.dsn, _data_dir(args)) as database:
@@ -363,21 +372,28 @@ SELECT
   (SELECT coalesce(sum(balance_cents), 0)::int8 FROM accounts) AS all_balances_cents,
   (SELECT coalesce(sum(amount_cents), 0)::int8 FROM ledger_entries) AS ledger_sum_cents,
   (SELECT count(*) FROM accounts a WHERE a.balance_cents <> coalesce(
-      (SELECT sum(e.amount_cents) FROM ledger_entries e WHERE e.account_id = a.id), 0)) AS accounts_off_ledger
+      (SELECT sum(e.amount_cents) FROM ledger_entries e WHERE e.account_id = a.id), 0)) AS accounts_off_ledger,
+  (SELECT count(*) FROM taps t WHERE NOT EXISTS (SELECT 1 FROM terminals x WHERE x.id = t.terminal_id)
+       OR NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = t.batch_id)
+       OR (t.account_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = t.account_id)))
+    + (SELECT count(*) FROM ledger_entries e WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = e.account_id)
+       OR NOT EXISTS (SELECT 1 FROM ledger_transfers l WHERE l.id = e.transfer_id)) AS orphan_rows
 """
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    async def work(conn: object) -> dict[str, object]:
-        await migrate(conn)  # type: ignore[arg-type]
-        row = await conn.fetchrow(_STATUS_SQL)  # type: ignore[attr-defined]
+    async def work(conn: asyncpg.Connection) -> dict[str, object]:
+        await migrate(conn)
+        row = await conn.fetchrow(_STATUS_SQL)
         return {key: (value.isoformat() if hasattr(value, "isoformat") else value) for key, value in row.items()}
 
     with resolve_database(args.dsn, _data_dir(args)) as database:
         report = asyncio.run(_with_connection(database.dsn, work))
         assert isinstance(report, dict)
         report["database"] = describe_dsn(database.dsn)
-    report["ledger_balanced"] = report["ledger_sum_cents"] == 0 and report["accounts_off_ledger"] == 0
+    report["ledger_balanced"] = (
+        report["ledger_sum_cents"] == 0 and report["accounts_off_ledger"] == 0 and report["orphan_rows"] == 0
+    )
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0 if report["ledger_balanced"] else EXIT_FAILURE
 
@@ -396,10 +412,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = getattr(logging, str(args.log_level).upper(), None)
-    if not isinstance(level, int):
-        parser.error(f"--log-level must be one of DEBUG, INFO, WARNING, ERROR, got {args.log_level!r}")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        logs.configure(str(args.log_level))
+    except ValueError as error:
+        parser.error(str(error))
     try:
         return COMMANDS[args.command](args)
     except UsageError as error:
@@ -407,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     except (MasterKeyError, AlreadySeeded, MigrationError) as error:
         print(f"citycard: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (DatabaseUnavailable, EmbeddedDatabaseError, EngineStartError) as error:
+    except (DatabaseUnavailable, EmbeddedDatabaseError, EngineStartError, EngineFailure) as error:
         print(f"citycard: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except (ConnectionRefusedError, ConnectionLost, AuthenticationError, EngineError, OSError) as error:

@@ -155,7 +155,7 @@ class TerminalClient:
         return await self._result(lambda rid: fastpath.encode_reversal(rid, terminal_seq, original_seq, when))
 
     async def ping(self, payload: int = 0) -> int:
-        msg_type, body = await self._request(lambda rid: fastpath.encode_ping(rid, payload))
+        _, body = await self._request(lambda rid: fastpath.encode_ping(rid, payload))
         return int(fastpath.decode_pong(body))
 
     async def send_raw(self, data: bytes) -> None:

@@ -82,6 +82,13 @@ WRITER_RETRY_MAX_S = 2.0
 # validator. Older sequences are answered from the taps table.
 RECENT_RESULTS_PER_TERMINAL = 512
 
+# Requests waiting on the record at once (retries of old sequences, reversals).
+# Each holds a task and waits for one of DB_POOL_MAX connections; beyond this
+# the engine answers BUSY_RETRY, so a terminal replaying its history cannot
+# make the engine queue without bound. A few hundred per second is the
+# normal rate right after a restart.
+LOOKUPS_MAX = 1024
+
 # --- Money ----------------------------------------------------------------------
 
 # Largest single top-up (cents): 500 EUR, the city's kiosk limit.

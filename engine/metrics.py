@@ -57,12 +57,12 @@ class EngineMetrics:
             "citycard_last_commit_timestamp_seconds", "Unix time of the last successful commit.", registry=registry
         )
         # Pre-bound children: labels resolved once, not per tap.
-        self._children = {
+        self._children: dict[tuple[int, int], Counter] = {
             (kind, result): self.requests.labels(OperationKind(kind).name.lower(), ResultCode(result).name.lower())
             for kind in OperationKind
             for result in ResultCode
         }
-        self._immediate_children = {
+        self._immediate_children: dict[int, Counter] = {
             result: self.immediate.labels(ResultCode(result).name.lower()) for result in ResultCode
         }
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import asyncpg
 
 from engine.codes import OperationKind, ResultCode
-from engine.decision import NO_ACCOUNT, Decision, ReplyTarget, request_fingerprint
+from engine.decision import Decision, ReplyTarget, request_fingerprint
 from engine.ladder import TAP_FLAGS_KNOWN, Original, decide_reversal, decide_tap, decide_topup
-from engine.limits import RECENT_RESULTS_PER_TERMINAL, REVERSAL_WINDOW_S
+from engine.limits import LOOKUPS_MAX, RECENT_RESULTS_PER_TERMINAL, REVERSAL_WINDOW_S
 from engine.state import CityState, InvariantError, Terminal, now_ms
 from engine.writer import BatchWriter
 
@@ -149,6 +149,9 @@ class Processor:
         if terminal_seq <= terminal.high_seq or kind == _REVERSAL:
             # Slow path: the record may already hold this sequence (a retry
             # after a restart, or an old one), or the decision needs it.
+            if len(self._lookups) >= LOOKUPS_MAX:
+                self._answer_now(target, request_id, terminal_seq, ResultCode.BUSY_RETRY)
+                return
             self._lookups[key] = [(target, request_id, fingerprint)]
             self._spawn(self._decide_from_record(terminal, decision))
             return
@@ -167,8 +170,8 @@ class Processor:
 
     # --- slow path ----------------------------------------------------------
 
-    def _spawn(self, coroutine: object) -> None:
-        task = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -338,6 +341,8 @@ class Processor:
                 for target, request_id in d.waiters:
                     target.deliver_result(request_id, d.terminal_seq, d.result, d.amount, d.balance)
                     dirty.add(target)
+                # Remembered for retries: it must not keep closed sessions alive.
+                d.waiters.clear()
             else:
                 for target, request_id in d.waiters:
                     target.deliver_result(request_id, d.terminal_seq, ResultCode.BUSY_RETRY, 0, 0)
@@ -351,5 +356,3 @@ class Processor:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-
-__all__ = ["Processor", "NO_ACCOUNT"]

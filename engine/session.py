@@ -158,9 +158,9 @@ class TerminalSession(asyncio.Protocol):
             except fastpath.ProtocolError as error:
                 self.fail(error.code, str(error), request_id)
                 return
-        if self._reader.error is not None and not self._closed:
-            error = self._reader.error
-            self.fail(error.code, str(error), error.request_id)
+        fault = self._reader.error
+        if fault is not None and not self._closed:
+            self.fail(fault.code, str(fault), fault.request_id)
             return
         self._processor.flush()
         self.flush()

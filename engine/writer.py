@@ -7,9 +7,10 @@ by themselves and the cost of each fsync is shared by thousands of taps.
 
 A batch is ONE SQL statement (data-modifying CTEs over unnest'ed arrays),
 run outside an explicit transaction, so it is atomic and costs one round
-trip. Batches are capped by count (BATCH_TAPS_MAX); every row has a fixed
-size (about 150 bytes of arguments per tap), so the count caps the bytes too. It inserts the batch marker, the tap records, the ledger transfers and
+trip. It inserts the batch marker, the tap records, the ledger transfers and
 entries, and updates each touched account once, in account-id order.
+Batches are capped by count (BATCH_TAPS_MAX); every row has a fixed size
+(about 150 bytes of arguments per tap), so the count caps the bytes too.
 
 After a failure the outcome of the batch may be unknown (the connection died
 during the commit). The writer never guesses: it reconnects, with backoff,

@@ -74,6 +74,14 @@ CREATE TABLE terminals (
     CONSTRAINT kiosk_has_funding CHECK (kind <> 1 OR funding_account_id IS NOT NULL)
 );
 
+-- The high-volume, append-only tables below (batches, taps, ledger_transfers,
+-- ledger_entries) carry no foreign keys: a key costs one index look-up per row
+-- at commit, four per tap, which was most of the commit time of a batch. Their
+-- references stay sound because (1) the engine writes only ids it loaded from
+-- the referenced tables, (2) referenced rows can never be deleted (the
+-- no-delete triggers at the end of this file) and (3) `citycard status`
+-- counts orphans, which must always be zero.
+
 -- One row per group commit. The writer inserts it in the same transaction as
 -- the batch, so after a lost connection during COMMIT the engine can tell
 -- whether the batch is durable by looking for its id.
@@ -90,7 +98,7 @@ CREATE TABLE batches (
 -- requested_cents: the top-up amount asked for (0 for taps and reversals).
 -- amount_cents: money moved (fare, top-up, refund); 0 when declined.
 CREATE TABLE taps (
-    terminal_id      integer NOT NULL REFERENCES terminals (id),
+    terminal_id      integer NOT NULL,
     terminal_seq     bigint NOT NULL CHECK (terminal_seq >= 0),
     kind             smallint NOT NULL CHECK (kind IN (0, 1, 2)),
     card_uid         bigint NOT NULL,
@@ -103,9 +111,9 @@ CREATE TABLE taps (
     result           smallint NOT NULL,
     amount_cents     bigint NOT NULL DEFAULT 0 CHECK (amount_cents >= 0),
     balance_cents    bigint NOT NULL DEFAULT 0,
-    service_id       smallint NOT NULL REFERENCES services (id),
-    account_id       bigint REFERENCES accounts (id),
-    batch_id         bigint NOT NULL REFERENCES batches (id),
+    service_id       smallint NOT NULL,
+    account_id       bigint,
+    batch_id         bigint NOT NULL,
     PRIMARY KEY (terminal_id, terminal_seq),
     CONSTRAINT declines_move_nothing CHECK (result = 0 OR amount_cents = 0),
     CONSTRAINT reversal_names_original CHECK ((kind = 2) = (original_seq IS NOT NULL))
@@ -118,33 +126,36 @@ CREATE INDEX taps_account_id ON taps (account_id) WHERE account_id IS NOT NULL;
 -- kind: 0 fare, 1 top-up, 2 reversal, 3 opening balance / adjustment.
 CREATE TABLE ledger_transfers (
     id          bigint PRIMARY KEY,
-    batch_id    bigint REFERENCES batches (id),
+    batch_id    bigint,
     kind        smallint NOT NULL CHECK (kind IN (0, 1, 2, 3)),
-    service_id  smallint REFERENCES services (id),
+    service_id  smallint,
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX ledger_transfers_batch_id ON ledger_transfers (batch_id);
 
 CREATE TABLE ledger_entries (
-    transfer_id   bigint NOT NULL REFERENCES ledger_transfers (id),
-    account_id    bigint NOT NULL REFERENCES accounts (id),
+    transfer_id   bigint NOT NULL,
+    account_id    bigint NOT NULL,
     amount_cents  bigint NOT NULL CHECK (amount_cents <> 0),
     PRIMARY KEY (transfer_id, account_id)
 );
 CREATE INDEX ledger_entries_account_id ON ledger_entries (account_id);
 
--- Every statement that inserts entries must leave each transfer it touched
--- balanced. The writer inserts all of a batch's entries in one statement.
+-- The entries each statement inserts must sum to zero per transfer. The writer
+-- inserts all of a batch's entries in one statement.
 CREATE FUNCTION ledger_check_balanced() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     unbalanced bigint;
 BEGIN
-    SELECT e.transfer_id INTO unbalanced
-    FROM ledger_entries e
-    WHERE e.transfer_id IN (SELECT DISTINCT transfer_id FROM inserted)
-    GROUP BY e.transfer_id
-    HAVING sum(e.amount_cents) <> 0
+    -- Only the rows this statement inserted: if every statement adds entries
+    -- that sum to zero per transfer, every transfer sums to zero. Looking at
+    -- the whole table instead would make each commit slower as the ledger
+    -- grows.
+    SELECT i.transfer_id INTO unbalanced
+    FROM inserted i
+    GROUP BY i.transfer_id
+    HAVING sum(i.amount_cents) <> 0
     LIMIT 1;
     IF unbalanced IS NOT NULL THEN
         RAISE EXCEPTION 'ledger transfer % does not sum to zero', unbalanced
@@ -177,7 +188,37 @@ CREATE TRIGGER ledger_entries_append_only BEFORE UPDATE OR DELETE ON ledger_entr
 CREATE TRIGGER batches_append_only BEFORE UPDATE OR DELETE ON batches
     FOR EACH ROW EXECUTE FUNCTION forbid_change();
 
+-- Row triggers do not fire on TRUNCATE, which would empty these tables in one
+-- statement; statement triggers close that gap.
+CREATE TRIGGER taps_no_truncate BEFORE TRUNCATE ON taps
+    FOR EACH STATEMENT EXECUTE FUNCTION forbid_change();
+CREATE TRIGGER ledger_transfers_no_truncate BEFORE TRUNCATE ON ledger_transfers
+    FOR EACH STATEMENT EXECUTE FUNCTION forbid_change();
+CREATE TRIGGER ledger_entries_no_truncate BEFORE TRUNCATE ON ledger_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION forbid_change();
+CREATE TRIGGER batches_no_truncate BEFORE TRUNCATE ON batches
+    FOR EACH STATEMENT EXECUTE FUNCTION forbid_change();
+
 -- A tap or top-up can be reversed once: the second approved reversal of the
 -- same original is impossible, whatever the engine believes.
 CREATE UNIQUE INDEX taps_one_reversal ON taps (terminal_id, original_seq)
     WHERE kind = 2 AND result = 0;
+
+-- Rows that the append-only tables refer to are never deleted: cards and
+-- terminals are retired by status, accounts live as long as their ledger.
+CREATE FUNCTION forbid_delete() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'rows of % are never deleted (retire them by status)', TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+
+CREATE TRIGGER accounts_never_deleted BEFORE DELETE OR TRUNCATE ON accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION forbid_delete();
+CREATE TRIGGER terminals_never_deleted BEFORE DELETE OR TRUNCATE ON terminals
+    FOR EACH STATEMENT EXECUTE FUNCTION forbid_delete();
+CREATE TRIGGER services_never_deleted BEFORE DELETE OR TRUNCATE ON services
+    FOR EACH STATEMENT EXECUTE FUNCTION forbid_delete();
+CREATE TRIGGER cards_never_deleted BEFORE DELETE OR TRUNCATE ON cards
+    FOR EACH STATEMENT EXECUTE FUNCTION forbid_delete();

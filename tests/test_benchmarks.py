@@ -1,0 +1,95 @@
+"""The end-to-end benchmark runs and reports what it promises.
+
+A smoke test, not a performance test: machines are noisy, so it checks the
+report's shape and sanity (taps flowed, nothing failed), never a target.
+It runs the benchmark as a user would, as a subprocess, against a fresh
+database on the test run's PostgreSQL server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+# Three 1-second phases, two engine starts and a 500-card seed take ~15 s
+# on the 2-core development machine; the limit only catches a hang.
+BENCHMARK_TIMEOUT_S = 240
+
+COMMAND = [
+    "--seconds",
+    "1",
+    "--warmup",
+    "0.5",
+    "--connections",
+    "4",
+    "--pipeline",
+    "8",
+    "--cards",
+    "500",
+    "--rate",
+    "200",
+    "--json",
+]
+
+
+@pytest.mark.slow
+def test_end_to_end_benchmark_reports_sane_figures(fresh_db: Callable[..., str], tmp_path: Path) -> None:
+    dsn = fresh_db(migrated=False)
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.end_to_end", *COMMAND, "--dsn", dsn, "--data-dir", str(tmp_path)],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BENCHMARK_TIMEOUT_S,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = [line for line in completed.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, completed.stdout
+    report = orjson.loads(lines[0])
+
+    for key in (
+        "taps_per_s",
+        "p50_ms",
+        "p99_ms",
+        "batch_size_mean",
+        "naive_taps_per_s",
+        "ratio",
+        "approved",
+        "declined",
+        "errors",
+        "seconds",
+        "connections",
+        "pipeline",
+        "cards",
+        "machine",
+        "versions",
+        "settings",
+        "open_loop",
+    ):
+        assert key in report, key
+    assert report["taps_per_s"] > 0
+    assert report["naive_taps_per_s"] > 0
+    assert report["ratio"] > 0
+    assert report["errors"] == 0, report
+    assert report["approved"] + report["declined"] > 0
+    assert 0 < report["p50_ms"] <= report["p99_ms"]
+    assert report["batch_size_mean"] >= 1
+    assert (report["seconds"], report["connections"], report["pipeline"], report["cards"]) == (1.0, 4, 8, 500)
+    assert report["naive"]["batch_size_mean"] == 1.0  # --naive commits one tap at a time
+
+    open_loop = report["open_loop"]
+    assert open_loop["offered_rate"] == 200
+    assert open_loop["achieved_rate"] > 0
+    assert 0 < open_loop["p50_ms"] <= open_loop["p99_ms"]
+    assert open_loop["errors"] == 0, open_loop
+
+    assert report["machine"]["cpu_count"] >= 1
+    assert report["versions"]["fastpath"] in ("cython", "pure")
+    assert report["versions"]["postgres"]
