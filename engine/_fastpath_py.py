@@ -33,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "BODY_SIZES",
+    "CARD_STATUS_ACTIVE",
     "ENGINE_PROOF_LABEL",
     "ERROR_BODY_MIN_BYTES",
     "ERROR_TEXT_MAX_BYTES",
@@ -52,6 +53,10 @@ __all__ = [
     "ERR_UNKNOWN_TYPE",
     "ERR_UNSUPPORTED_VERSION",
     "FRAME_HEADER_BYTES",
+    "LEDGER_FARE",
+    "LEDGER_OPENING",
+    "LEDGER_REVERSAL",
+    "LEDGER_TOPUP",
     "LENGTH_PREFIX_BYTES",
     "MAX_FRAME_BYTES",
     "MIN_FRAME_LENGTH",
@@ -67,6 +72,11 @@ __all__ = [
     "MSG_TAP_RESULT",
     "MSG_TOPUP",
     "NONCE_BYTES",
+    "NO_ACCOUNT",
+    "NO_FARE",
+    "OPERATION_REVERSAL",
+    "OPERATION_TAP",
+    "OPERATION_TOPUP",
     "PROOF_BYTES",
     "PROTOCOL_VERSION",
     "RESULT_ALREADY_REVERSED",
@@ -83,10 +93,18 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "TAP_FLAGS_KNOWN",
+    "TAP_FLAG_EXIT",
     "TERMINAL_KEY_BYTES",
     "TERMINAL_PROOF_LABEL",
+    "TOPUP_MAX_CENTS",
+    "Decision",
     "FrameReader",
+    "Original",
     "ProtocolError",
+    "decide_reversal",
+    "decide_tap",
+    "decide_topup",
     "decode_auth",
     "decode_auth_ok",
     "decode_challenge",
@@ -110,27 +128,8 @@ __all__ = [
     "encode_tap_result",
     "encode_topup",
     "engine_proof",
-    "terminal_proof",
-    # The per-tap decision fast path.
-    "CARD_STATUS_ACTIVE",
-    "LEDGER_FARE",
-    "LEDGER_OPENING",
-    "LEDGER_REVERSAL",
-    "LEDGER_TOPUP",
-    "NO_ACCOUNT",
-    "NO_FARE",
-    "OPERATION_REVERSAL",
-    "OPERATION_TAP",
-    "OPERATION_TOPUP",
-    "TAP_FLAGS_KNOWN",
-    "TAP_FLAG_EXIT",
-    "TOPUP_MAX_CENTS",
-    "Decision",
-    "Original",
-    "decide_reversal",
-    "decide_tap",
-    "decide_topup",
     "request_fingerprint",
+    "terminal_proof",
 ]
 
 # =============================================================================
@@ -902,3 +901,397 @@ def engine_proof(
     return _proof(
         ENGINE_PROOF_LABEL, key, terminal_id, key_version, client_nonce, server_nonce
     )
+
+
+# =============================================================================
+# Per-tap decision fast path
+#
+# The Decision record and the decision ladder (engine/decision.py and
+# engine/ladder.py re-export them). The codec above stays self-contained:
+# nothing above this line depends on what is below it.
+#
+# A Decision is made synchronously by the decision ladder, travels through
+# the batch writer, and is answered to every waiting terminal once its batch
+# is durable (or undone when the batch fails). Every decision that moves
+# money is one transfer of ``amount`` cents from a ``source`` account to a
+# ``target`` account; the card's side of it is held as pending until the
+# commit:
+#
+# - a fare:            card    -> revenue   (card's pending debit)
+# - a top-up:          funding -> card      (card's pending credit)
+# - a fare refunded:   revenue -> card      (card's pending credit)
+# - a top-up reversed: card    -> funding   (card's pending debit)
+#
+# The ladder functions take the city (``engine.state.CityState``) and a
+# terminal (``engine.state.Terminal``) duck-typed: this module imports
+# nothing from the engine. Columns and positions are checked exactly as the
+# compiled twin checks them (which must, to stay memory-safe): a column of
+# the wrong type raises TypeError, a position outside its columns raises
+# IndexError, with the same text. Python's negative indexes are refused too.
+# =============================================================================
+
+# Card status a tap can pass (engine.codes.CardStatus.ACTIVE).
+CARD_STATUS_ACTIVE = 0
+# A tariff of -1: this profile is not served here (engine.state.NO_FARE).
+NO_FARE = -1
+# Largest top-up in cents, as in engine/limits.py.
+TOPUP_MAX_CENTS = 50000
+# Ledger transfer kinds (schema: ledger_transfers.kind).
+LEDGER_FARE = 0
+LEDGER_TOPUP = 1
+LEDGER_REVERSAL = 2
+LEDGER_OPENING = 3
+# The account of a decision that moves no money.
+NO_ACCOUNT = -1
+# TAP flag bits (docs/protocol.md): bit 0 marks an exit tap; the rest are
+# reserved.
+TAP_FLAG_EXIT = 0x01
+TAP_FLAGS_KNOWN = TAP_FLAG_EXIT
+# The request a tap record answers (engine.codes.OperationKind).
+OPERATION_TAP = 0
+OPERATION_TOPUP = 1
+OPERATION_REVERSAL = 2
+
+# Names for repr only.
+_OPERATION_NAMES = {
+    OPERATION_TAP: "TAP",
+    OPERATION_TOPUP: "TOPUP",
+    OPERATION_REVERSAL: "REVERSAL",
+}
+
+_Fingerprint = tuple[int, int, int, int, int, int, int | None]
+
+
+class Decision:
+    """One decided TAP, TOPUP or REVERSAL, pending until its batch commits.
+
+    Numbers are signed 64-bit (the record stores bigints); ``original_seq``
+    is None but for a REVERSAL, and ``waiters`` holds the
+    ``(reply target, request_id)`` pairs waiting for the reply.
+
+    >>> d = Decision(7, 1001, OPERATION_TAP, 0x04A1, 3, 0, 0, None, 0, 0, 1)
+    >>> d.result, d.card_account, d.waiters
+    (0, -1, [])
+    """
+
+    __slots__ = (
+        "amount",
+        "balance",
+        "card_account",
+        "card_counter",
+        "card_uid",
+        "event_time_ms",
+        "kind",
+        "ledger_kind",
+        "original_seq",
+        "recorded_ms",
+        "requested",
+        "result",
+        "service_id",
+        "source",
+        "tap_flags",
+        "target",
+        "terminal_id",
+        "terminal_seq",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        terminal_id: int,
+        terminal_seq: int,
+        kind: int,
+        card_uid: int,
+        card_counter: int,
+        tap_flags: int,
+        requested: int,
+        original_seq: int | None,
+        event_time_ms: int,
+        recorded_ms: int,
+        service_id: int,
+    ) -> None:
+        self.terminal_id = terminal_id
+        self.terminal_seq = terminal_seq
+        self.kind = kind
+        self.card_uid = card_uid
+        self.card_counter = card_counter
+        self.tap_flags = tap_flags
+        self.requested = requested
+        self.original_seq = original_seq
+        self.event_time_ms = event_time_ms
+        self.recorded_ms = recorded_ms
+        self.service_id = service_id
+        self.result = 0
+        self.amount = 0
+        self.balance = 0
+        self.card_account = NO_ACCOUNT
+        self.source = NO_ACCOUNT
+        self.target = NO_ACCOUNT
+        self.ledger_kind = LEDGER_FARE
+        # (engine.decision.ReplyTarget, request_id) pairs.
+        self.waiters: list[tuple[Any, int]] = []
+
+    def fingerprint(self) -> _Fingerprint:
+        """The request's content: a retry must match it exactly.
+
+        A REVERSAL carries no card on the wire (its record names the card of
+        the original), so its card does not take part.
+        """
+        return (
+            self.kind,
+            0 if self.kind == OPERATION_REVERSAL else self.card_uid,
+            self.card_counter,
+            self.tap_flags,
+            self.requested,
+            self.event_time_ms,
+            self.original_seq,
+        )
+
+    @property
+    def moves_money(self) -> bool:
+        return self.amount > 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision({_OPERATION_NAMES.get(self.kind, self.kind)}"
+            f" terminal={self.terminal_id} seq={self.terminal_seq}"
+            f" result={self.result} amount={self.amount})"
+        )
+
+
+def request_fingerprint(
+    kind: int,
+    card_uid: int,
+    card_counter: int,
+    tap_flags: int,
+    requested: int,
+    event_time_ms: int,
+    original_seq: int | None,
+) -> _Fingerprint:
+    """Same layout as Decision.fingerprint, for an incoming request.
+
+    >>> request_fingerprint(0, 0x04A1, 3, 0, 0, 0, None)
+    (0, 1185, 3, 0, 0, 0, None)
+    """
+    return (kind, card_uid, card_counter, tap_flags, requested, event_time_ms, original_seq)
+
+
+class Original:
+    """The approved request a REVERSAL names, as read from the record."""
+
+    __slots__ = ("account_id", "amount", "card_uid", "kind", "recorded_ms", "service_id")
+
+    def __init__(
+        self,
+        kind: int,
+        card_uid: int,
+        amount: int,
+        account_id: int,
+        recorded_ms: int,
+        service_id: int,
+    ) -> None:
+        self.kind = kind
+        self.card_uid = card_uid
+        self.amount = amount
+        self.account_id = account_id
+        self.recorded_ms = recorded_ms
+        self.service_id = service_id
+
+
+# --- The city's columns, checked once per use -------------------------------
+
+
+def _int64_column(column: Any, name: str) -> _array[int]:
+    """An array('q') column of the city (the compiled twin reads its cells
+    raw, so any other type is refused)."""
+    if not isinstance(column, _array) or column.typecode != "q":
+        raise TypeError(_column_type_text(column, name, "array('q')"))
+    return column
+
+
+def _byte_column(column: Any, name: str) -> bytearray:
+    """A bytearray column of the city."""
+    if not isinstance(column, bytearray):
+        raise TypeError(_column_type_text(column, name, "bytearray"))
+    return column
+
+
+def _column_type_text(column: object, name: str, expected: str) -> str:
+    if isinstance(column, _array):
+        return f"state.{name} must be {expected}, not array('{column.typecode}')"
+    return f"state.{name} must be {expected}, not {type(column).__name__}"
+
+
+def _check_position(position: int, size: int, what: str) -> int:
+    """The one index check of each access path: position must be a cell."""
+    if position < 0 or position >= size:
+        raise IndexError(f"{what} position {position} out of range for {size} {what}s")
+    return position
+
+
+# --- The ladder --------------------------------------------------------------
+#
+# Reads happen in the same order as in the compiled twin, so the two raise the
+# same errors for the same broken input.
+
+
+def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
+    """Decide a TAP in place: sets result, amount, balance and accounts.
+
+    An exit tap records the passage and charges nothing: with per-use fares
+    the entry already paid.
+
+    >>> decide_tap(state, state.terminals[7], decision)  # doctest: +SKIP
+    """
+    if not terminal.active:
+        decision.result = RESULT_TERMINAL_NOT_ALLOWED
+        return
+    found = state.card_position.get(decision.card_uid)
+    if found is None:
+        decision.result = RESULT_UNKNOWN_CARD
+        return
+    service_id = terminal.service_id
+    fares_by_service = state.fares
+    card_account = _int64_column(state.card_account, "card_account")
+    card_status = _byte_column(state.card_status, "card_status")
+    card_profile = _byte_column(state.card_profile, "card_profile")
+    balance = _int64_column(state.balance, "balance")
+    pending_debit = _int64_column(state.pending_debit, "pending_debit")
+    floor = _int64_column(state.floor, "floor")
+    card = _check_position(found, min(len(card_account), len(card_status), len(card_profile)), "card")
+    account = _check_position(card_account[card], min(len(balance), len(pending_debit), len(floor)), "account")
+    decision.card_account = account
+    available = balance[account] - pending_debit[account]
+    decision.balance = available
+    if card_status[card] != CARD_STATUS_ACTIVE:
+        decision.result = RESULT_CARD_NOT_ACTIVE
+        return
+    fares = _int64_column(fares_by_service[service_id], "fares row")
+    fare = fares[_check_position(card_profile[card], len(fares), "profile")]
+    if fare == NO_FARE:
+        decision.result = RESULT_SERVICE_NOT_ALLOWED
+        return
+    if decision.tap_flags & TAP_FLAG_EXIT:
+        fare = 0
+    if available - fare < floor[account]:
+        decision.result = RESULT_INSUFFICIENT_FUNDS
+        return
+    # After this point the tap must succeed.
+    decision.result = RESULT_APPROVED
+    decision.amount = fare
+    decision.balance = available - fare
+    if fare:
+        pending_debit[account] += fare
+        decision.source = account
+        decision.target = state.revenue_account[service_id]
+        decision.ledger_kind = LEDGER_FARE
+
+
+def decide_topup(state: Any, terminal: Any, decision: Decision) -> None:
+    """Decide a TOPUP in place. The credit is spendable only once committed.
+
+    >>> decide_topup(state, state.terminals[900], decision)  # doctest: +SKIP
+    """
+    if not terminal.active or not terminal.is_kiosk:
+        decision.result = RESULT_TERMINAL_NOT_ALLOWED
+        return
+    found = state.card_position.get(decision.card_uid)
+    if found is None:
+        decision.result = RESULT_UNKNOWN_CARD
+        return
+    funding_account = terminal.funding_account
+    card_account = _int64_column(state.card_account, "card_account")
+    card_status = _byte_column(state.card_status, "card_status")
+    balance = _int64_column(state.balance, "balance")
+    pending_debit = _int64_column(state.pending_debit, "pending_debit")
+    pending_credit = _int64_column(state.pending_credit, "pending_credit")
+    ceiling = _int64_column(state.ceiling, "ceiling")
+    card = _check_position(found, min(len(card_account), len(card_status)), "card")
+    account = _check_position(
+        card_account[card], min(len(balance), len(pending_debit), len(pending_credit), len(ceiling)), "account"
+    )
+    decision.card_account = account
+    available = balance[account] - pending_debit[account]
+    decision.balance = available
+    if card_status[card] != CARD_STATUS_ACTIVE:
+        decision.result = RESULT_CARD_NOT_ACTIVE
+        return
+    amount = decision.requested
+    if amount < 1 or amount > TOPUP_MAX_CENTS:
+        decision.result = RESULT_INVALID_AMOUNT
+        return
+    # Pending credits count against the ceiling: two top-ups in one batch
+    # must not together pass it.
+    if balance[account] + pending_credit[account] + amount > ceiling[account]:
+        decision.result = RESULT_BALANCE_LIMIT
+        return
+    # After this point the top-up must succeed.
+    decision.result = RESULT_APPROVED
+    decision.amount = amount
+    decision.balance = available + amount
+    pending_credit[account] += amount
+    decision.source = funding_account
+    decision.target = account
+    decision.ledger_kind = LEDGER_TOPUP
+
+
+def decide_reversal(
+    state: Any,
+    terminal: Any,
+    decision: Decision,
+    original: Original | None,
+    already_reversed: bool,
+    window_ms: int,
+) -> None:
+    """Decide a REVERSAL of ``original`` (None when not found) in place.
+
+    A refunded fare is a credit (spendable once committed); a reversed top-up
+    is a debit and needs the money to still be there.
+
+    >>> decide_reversal(state, terminal, decision, None, False, 600_000)  # doctest: +SKIP
+    """
+    if not terminal.active:
+        decision.result = RESULT_TERMINAL_NOT_ALLOWED
+        return
+    if original is None or original.kind == OPERATION_REVERSAL:
+        decision.result = RESULT_ORIGINAL_NOT_FOUND
+        return
+    found = state.account_position[original.account_id]
+    funding_account = terminal.funding_account
+    balance = _int64_column(state.balance, "balance")
+    pending_debit = _int64_column(state.pending_debit, "pending_debit")
+    pending_credit = _int64_column(state.pending_credit, "pending_credit")
+    floor = _int64_column(state.floor, "floor")
+    account = _check_position(
+        found, min(len(balance), len(pending_debit), len(pending_credit), len(floor)), "account"
+    )
+    decision.card_account = account
+    # The record names the card whose money moves; the request had no card.
+    decision.card_uid = original.card_uid
+    available = balance[account] - pending_debit[account]
+    decision.balance = available
+    if decision.recorded_ms - original.recorded_ms > window_ms:
+        decision.result = RESULT_REVERSAL_WINDOW_EXPIRED
+        return
+    if already_reversed:
+        decision.result = RESULT_ALREADY_REVERSED
+        return
+    amount = original.amount
+    if original.kind == OPERATION_TOPUP:
+        if available - amount < floor[account]:
+            decision.result = RESULT_INSUFFICIENT_FUNDS
+            return
+        # After this point the reversal must succeed.
+        pending_debit[account] += amount
+        decision.source = account
+        decision.target = funding_account if funding_account >= 0 else NO_ACCOUNT
+        decision.balance = available - amount
+    else:
+        # After this point the reversal must succeed.
+        pending_credit[account] += amount
+        decision.source = state.revenue_account[original.service_id]
+        decision.target = account
+        decision.balance = available + amount
+    decision.result = RESULT_APPROVED
+    decision.amount = amount
+    decision.ledger_kind = LEDGER_REVERSAL

@@ -1,6 +1,7 @@
-"""The wire codec, from the compiled fast path when there is one.
+"""The wire codec and the per-tap decision, from the compiled fast path when there is one.
 
-Import the codec from here, never from its twins directly::
+Import them from here (or from ``engine.decision`` and ``engine.ladder``),
+never from the twins directly::
 
     from engine import fastpath
     frame = fastpath.encode_ping(1, 42)

@@ -10,9 +10,12 @@ so a scrape never blocks the event loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from engine import __version__, fastpath
 from engine.codes import OperationKind, ResultCode
@@ -23,6 +26,40 @@ from engine.decision import Decision
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.010, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.010, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class LoopHistogram(Collector):
+    """A histogram observed from the event loop only, without locks.
+
+    prometheus-client's Histogram takes a lock and walks every bucket per
+    observation (about a microsecond); this one costs one bisect and two
+    additions, which matters when it runs once per tap. The scrape thread
+    reads the counts while the loop may be adding to them: a scrape can be
+    one observation behind, never wrong by more.
+    """
+
+    def __init__(self, name: str, documentation: str, edges: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.edges = tuple(edges)
+        self.counts = [0] * (len(self.edges) + 1)
+        self.total = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.edges, value)] += 1
+        self.total += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts = list(self.counts)
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for edge, count in zip(self.edges, counts, strict=False):
+            cumulative += count
+            buckets.append((repr(float(edge)), cumulative))
+        cumulative += counts[-1]
+        buckets.append(("+Inf", cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.total)
 
 
 class EngineMetrics:
@@ -52,6 +89,12 @@ class EngineMetrics:
             "Time to commit one batch.",
             buckets=COMMIT_BUCKETS_S,
             registry=registry,
+        )
+        self.request_latency = LoopHistogram(
+            "citycard_request_duration_seconds",
+            "TAP, TOPUP and REVERSAL: from the frame received to its reply written.",
+            LATENCY_BUCKETS_S,
+            registry,
         )
         self.last_commit = Gauge(
             "citycard_last_commit_timestamp_seconds", "Unix time of the last successful commit.", registry=registry

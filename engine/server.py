@@ -120,7 +120,13 @@ class Engine:
         self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
         self._writer_task.add_done_callback(self._writer_ended)
         limits = SessionLimits(handshake_deadline_s=config.handshake_deadline_s, idle_timeout_s=config.idle_timeout_s)
-        context = self.context = SessionContext(state=state, processor=processor, master_key=master_key, limits=limits)
+        context = self.context = SessionContext(
+            state=state,
+            processor=processor,
+            master_key=master_key,
+            limits=limits,
+            observe_latency=self.metrics.request_latency.observe,
+        )
         self._register_gauges()
         loop = asyncio.get_running_loop()
         try:

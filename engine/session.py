@@ -12,6 +12,8 @@ import asyncio
 import hmac
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -78,6 +80,9 @@ class SessionContext:
     counters: SessionCounters = field(default_factory=SessionCounters)
     sessions: set[TerminalSession] = field(default_factory=set)
     accepting: bool = True
+    # Called with the seconds from a request's frame received to its reply
+    # written (the engine's own latency, the figure its objectives are about).
+    observe_latency: Callable[[float], None] | None = None
 
 
 class TerminalSession(asyncio.Protocol):
@@ -96,6 +101,10 @@ class TerminalSession(asyncio.Protocol):
         self._hello: tuple[int, int, bytes] | None = None
         self._server_nonce = b""
         self._last_received = 0.0
+        self._chunk_received = 0.0
+        # request id -> when its frame arrived; replies due -> when theirs did.
+        self._received_at: dict[int, float] = {}
+        self._replies_received_at: list[float] = []
         self._deadline: asyncio.TimerHandle | None = None
         self.peer = "?"
 
@@ -149,6 +158,7 @@ class TerminalSession(asyncio.Protocol):
         if self._closed:
             return
         self._last_received = asyncio.get_running_loop().time()
+        self._chunk_received = time.perf_counter()
         frames = self._reader.feed(data)
         for msg_type, request_id, body in frames:
             if self._closed:
@@ -182,6 +192,7 @@ class TerminalSession(asyncio.Protocol):
             terminal = self._terminal
             assert terminal is not None
             self._in_flight += 1
+            self._received_at[request_id] = self._chunk_received
             if msg_type == _TAP:
                 seq, uid, counter, event_ms, flags = fastpath.decode_tap(body)
                 self._processor.submit(
@@ -254,11 +265,20 @@ class TerminalSession(asyncio.Protocol):
         if self._closed:
             return  # the terminal will retry with the same sequence
         self._in_flight -= 1
+        received_at = self._received_at.pop(request_id, None)
+        if received_at is not None:
+            self._replies_received_at.append(received_at)
         self._out.append(fastpath.encode_tap_result(request_id, terminal_seq, result, amount, balance))
 
     def flush(self) -> None:
         if self._out and self._transport is not None and not self._closed:
             self._transport.write(b"".join(self._out))
+            observe = self._context.observe_latency
+            if observe is not None and self._replies_received_at:
+                written = time.perf_counter()
+                for received_at in self._replies_received_at:
+                    observe(written - received_at)
+        self._replies_received_at.clear()
         self._out.clear()
 
     def fail(self, code: int, text: str, request_id: int = 0) -> None:
