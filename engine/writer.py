@@ -45,6 +45,15 @@ log = logging.getLogger("citycard.writer")
 # rather than holding the batch's terminals.
 WRITER_CONNECT_TIMEOUT_S = 5.0
 
+# The commit statement is planned once: a custom plan per batch costs about
+# 0.4 ms of planning (more than executing a small batch), and the generic
+# plan (index look-ups of the accounts a batch touches) is the right one for
+# every batch size up to BATCH_TAPS_MAX.
+WRITER_SESSION_SETTINGS = {
+    "application_name": "citycard-writer",
+    "plan_cache_mode": "force_generic_plan",
+}
+
 # Transfer ids are batch_id * TRANSFERS_PER_BATCH_MAX + k: a batch holds one
 # transfer per (ledger kind, service), at most 3 kinds x 64 services.
 TRANSFERS_PER_BATCH_MAX = 1024
@@ -292,7 +301,12 @@ class BatchWriter:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._dsn, timeout=WRITER_CONNECT_TIMEOUT_S, command_timeout=None)
+            self._conn = await asyncpg.connect(
+                self._dsn,
+                timeout=WRITER_CONNECT_TIMEOUT_S,
+                command_timeout=None,
+                server_settings=WRITER_SESSION_SETTINGS,
+            )
             self.connections_opened += 1
         return self._conn
 
