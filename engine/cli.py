@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics", default=DEFAULT_METRICS, help="metrics HOST:PORT, or 'off'")
     serve.add_argument("--batch-max", type=int, default=None, help="most decisions per commit")
     serve.add_argument("--naive", action="store_true", help="one commit per tap (for comparison only)")
+    # The fault harness's negative control; needs CITYCARD_ALLOW_UNSAFE=1 too.
+    serve.add_argument("--unsafe-answer-before-commit", action="store_true", help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo", help="seed a demo city on first run, then serve it")
     _database_options(demo)
@@ -182,6 +184,8 @@ def _engine_config(args: argparse.Namespace, dsn: str) -> EngineConfig:
     if getattr(args, "naive", False):
         batch_max = 1
     options: dict[str, object] = {}
+    if getattr(args, "unsafe_answer_before_commit", False):
+        options["unsafe_answer_before_commit"] = True
     if batch_max is not None:
         if batch_max < 1:
             raise UsageError("--batch-max must be at least 1")

@@ -82,6 +82,10 @@ class Processor:
         self.on_result: ResultCounter | None = None
         self.on_immediate: Callable[[int], None] | None = None
         self.reversal_window_ms = REVERSAL_WINDOW_S * 1000
+        # Negative control for the fault harness ONLY: answer before the
+        # commit, which can lose acknowledged debits on a crash. The harness
+        # must show that its checker catches exactly that. Never in service.
+        self.unsafe_answer_before_commit = False
 
     def attach(self, writer: BatchWriter) -> None:
         self.writer = writer
@@ -167,6 +171,8 @@ class Processor:
         decision.waiters.append((target, request_id))
         self._pending[key] = decision
         writer.submit(decision)
+        if self.unsafe_answer_before_commit:
+            self._answer_unsafely(decision)
 
     # --- slow path ----------------------------------------------------------
 
@@ -224,6 +230,15 @@ class Processor:
         self.flush()
         self._pending[key] = decision
         writer.submit(decision)
+        if self.unsafe_answer_before_commit:
+            self._answer_unsafely(decision)
+            self.flush()
+
+    def _answer_unsafely(self, decision: Decision) -> None:
+        for target, request_id in decision.waiters:
+            target.deliver_result(request_id, decision.terminal_seq, decision.result, decision.amount, decision.balance)
+            self.dirty.add(target)
+        decision.waiters.clear()
 
     def _finish_lookup(self, key: tuple[int, int], final: Decision | None, result: int | None) -> None:
         for target, request_id, fingerprint in self._lookups.pop(key, ()):

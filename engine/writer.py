@@ -71,25 +71,26 @@ WITH
            timestamptz 'epoch' + u.event_ms * interval '1 millisecond',
            timestamptz 'epoch' + u.recorded_ms * interval '1 millisecond',
            u.result, u.amount, u.balance, u.service_id, u.account_id, $1
-    FROM unnest($3::int4[], $4::int8[], $5::int2[], $6::int8[], $7::int8[], $8::int2[],
-                $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int2[], $14::int8[],
-                $15::int8[], $16::int2[], $17::int8[])
+    FROM unnest($3::text::int4[], $4::text::int8[], $5::text::int2[], $6::text::int8[],
+                $7::text::int8[], $8::text::int2[], $9::text::int8[], $10::text::int8[],
+                $11::text::int8[], $12::text::int8[], $13::text::int2[], $14::text::int8[],
+                $15::text::int8[], $16::text::int2[], $17::text::int8[])
       AS u(terminal_id, seq, kind, uid, counter, flags, requested, original, event_ms,
            recorded_ms, result, amount, balance, service_id, account_id)
   ),
   account AS (
     UPDATE accounts SET balance_cents = accounts.balance_cents + d.delta
-    FROM unnest($18::int8[], $19::int8[]) AS d(id, delta)
+    FROM unnest($18::text::int8[], $19::text::int8[]) AS d(id, delta)
     WHERE accounts.id = d.id
   ),
   transfer AS (
     INSERT INTO ledger_transfers (id, batch_id, kind, service_id)
     SELECT x.id, $1, x.kind, x.service_id
-    FROM unnest($20::int8[], $21::int2[], $22::int2[]) AS x(id, kind, service_id)
+    FROM unnest($20::text::int8[], $21::text::int2[], $22::text::int2[]) AS x(id, kind, service_id)
   ),
   entry AS (
     INSERT INTO ledger_entries (transfer_id, account_id, amount_cents)
-    SELECT * FROM unnest($23::int8[], $24::int8[], $25::int8[])
+    SELECT * FROM unnest($23::text::int8[], $24::text::int8[], $25::text::int8[])
   )
 SELECT 1
 """
@@ -100,7 +101,8 @@ BatchDone = Callable[[list[Decision], bool], None]
 
 
 def batch_arguments(batch_id: int, batch: Sequence[Decision], state: CityState) -> tuple[object, ...]:
-    """Build the commit statement's arguments: column arrays and aggregates."""
+    """Build the commit statement's arguments: column arrays (as array
+    literals) and per-account aggregates."""
     account_ids = state.account_id
     terminal_ids: list[int] = []
     seqs: list[int] = []
@@ -170,30 +172,45 @@ def batch_arguments(batch_id: int, batch: Sequence[Decision], state: CityState) 
     return (
         batch_id,
         len(batch),
-        terminal_ids,
-        seqs,
-        kinds,
-        uids,
-        counters,
-        flags,
-        requested,
-        originals,
-        event_ms,
-        recorded_ms,
-        results,
-        amounts,
-        balances,
-        services,
-        accounts,
-        [item[0] for item in delta_items],
-        [item[1] for item in delta_items],
-        transfer_ids,
-        transfer_kinds,
-        transfer_services,
-        entry_transfers,
-        entry_accounts,
-        entry_amounts,
+        _array(terminal_ids),
+        _array(seqs),
+        _array(kinds),
+        _array(uids),
+        _array(counters),
+        _array(flags),
+        _array(requested),
+        _nullable_array(originals),
+        _array(event_ms),
+        _array(recorded_ms),
+        _array(results),
+        _array(amounts),
+        _array(balances),
+        _array(services),
+        _nullable_array(accounts),
+        _array([item[0] for item in delta_items]),
+        _array([item[1] for item in delta_items]),
+        _array(transfer_ids),
+        _array(transfer_kinds),
+        _array(transfer_services),
+        _array(entry_transfers),
+        _array(entry_accounts),
+        _array(entry_amounts),
     )
+
+
+def _array(values: list[int]) -> str:
+    """A PostgreSQL array literal of integers: ``{1,2,3}``.
+
+    The commit statement takes its columns as text and casts them
+    (``$3::text::int4[]``): PostgreSQL parses an integer array literal in C
+    far faster than asyncpg encodes a Python list element by element (which
+    was a third of the engine's CPU at 20,000 taps a second).
+    """
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _nullable_array(values: list[int | None]) -> str:
+    return "{" + ",".join("NULL" if value is None else str(value) for value in values) + "}"
 
 
 class BatchWriter:
