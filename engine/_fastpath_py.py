@@ -118,6 +118,7 @@ __all__ = [
     "decode_topup",
     "encode_auth",
     "encode_auth_ok",
+    "encode_batch",
     "encode_challenge",
     "encode_error",
     "encode_hello",
@@ -1295,3 +1296,112 @@ def decide_reversal(
     decision.result = RESULT_APPROVED
     decision.amount = amount
     decision.ledger_kind = LEDGER_REVERSAL
+
+
+# --- Batch encoding -------------------------------------------------------------
+#
+# The writer sends a batch as one SQL statement whose columns are PostgreSQL
+# array literals (text, cast in SQL): "{1,2,3}". The compiled twin formats the
+# integers in C; here str() and join give the same text.
+
+
+def _literal(values: list[int]) -> str:
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _nullable_literal(values: list[int | None]) -> str:
+    return "{" + ",".join("NULL" if value is None else str(value) for value in values) + "}"
+
+
+def encode_batch(
+    batch_id: int, batch: list[Decision], account_ids: _array[int], transfers_per_batch: int
+) -> tuple[object, ...]:
+    """The commit statement's 25 arguments for one batch.
+
+    Per decision, one row of the tap record (15 columns). Per account, the
+    sum of its movements (each account updated once, in id order). Per
+    (ledger kind, service), one transfer whose entries are the per-account
+    sums. Transfer ids are ``batch_id * transfers_per_batch + k``.
+
+    >>> encode_batch(1, [], _array('q'), 1024)[2]
+    '{}'
+    """
+    if not isinstance(batch, list):
+        raise TypeError(f"Argument 'batch' has incorrect type (expected list, got {type(batch).__name__})")
+    ids = _int64_column(account_ids, "account_id")
+    accounts = len(ids)
+    columns: list[list[int | None]] = [[] for _ in range(15)]
+    (terminal_ids, seqs, kinds, uids, counters, flags, requested, originals,
+     event_ms, recorded_ms, results, amounts, balances, services, card_accounts) = columns
+    deltas: dict[int, int] = {}
+    transfers: dict[tuple[int, int], dict[int, int]] = {}
+    for d in batch:
+        if not isinstance(d, Decision):
+            raise TypeError(f"Cannot convert {type(d).__name__} to engine._fastpath.Decision")
+        terminal_ids.append(d.terminal_id)
+        seqs.append(d.terminal_seq)
+        kinds.append(d.kind)
+        uids.append(d.card_uid)
+        counters.append(d.card_counter)
+        flags.append(d.tap_flags)
+        requested.append(d.requested)
+        originals.append(d.original_seq)
+        event_ms.append(d.event_time_ms)
+        recorded_ms.append(d.recorded_ms)
+        results.append(d.result)
+        amounts.append(d.amount)
+        balances.append(d.balance)
+        services.append(d.service_id)
+        if d.card_account == NO_ACCOUNT:
+            card_accounts.append(None)
+        else:
+            card_accounts.append(ids[_check_position(d.card_account, accounts, "account")])
+        amount = d.amount
+        if amount != 0 and d.result == RESULT_APPROVED:
+            source = _check_position(d.source, accounts, "account")
+            target = _check_position(d.target, accounts, "account")
+            deltas[source] = deltas.get(source, 0) - amount
+            deltas[target] = deltas.get(target, 0) + amount
+            entries = transfers.get((d.ledger_kind, d.service_id))
+            if entries is None:
+                entries = transfers[(d.ledger_kind, d.service_id)] = {}
+            entries[source] = entries.get(source, 0) - amount
+            entries[target] = entries.get(target, 0) + amount
+    # Each account once, in id order: a stable lock order for the UPDATE.
+    delta_items = sorted((ids[p], delta) for p, delta in deltas.items() if delta)
+    transfer_ids: list[int] = []
+    transfer_kinds: list[int] = []
+    transfer_services: list[int] = []
+    entry_transfers: list[int] = []
+    entry_accounts: list[int] = []
+    entry_amounts: list[int] = []
+    for number, ((kind, service), entries) in enumerate(sorted(transfers.items())):
+        nonzero = [(ids[p], cents) for p, cents in entries.items() if cents]
+        if not nonzero:
+            continue  # e.g. a fare and its refund in the same batch
+        transfer_id = batch_id * transfers_per_batch + number
+        transfer_ids.append(transfer_id)
+        transfer_kinds.append(kind)
+        transfer_services.append(service)
+        for account_id, cents in sorted(nonzero):
+            entry_transfers.append(transfer_id)
+            entry_accounts.append(account_id)
+            entry_amounts.append(cents)
+    nullable = (7, 14)
+    texts = tuple(
+        _nullable_literal(column) if index in nullable else _literal(column)  # type: ignore[arg-type]
+        for index, column in enumerate(columns)
+    )
+    return (
+        batch_id,
+        len(batch),
+        *texts,
+        _literal([item[0] for item in delta_items]),
+        _literal([item[1] for item in delta_items]),
+        _literal(transfer_ids),
+        _literal(transfer_kinds),
+        _literal(transfer_services),
+        _literal(entry_transfers),
+        _literal(entry_accounts),
+        _literal(entry_amounts),
+    )

@@ -13,22 +13,28 @@ import asyncio
 import errno
 import gc
 import logging
+import os
 from pathlib import Path
 
 import asyncpg
 import msgspec
 
 from engine.db import create_pool
+from engine.health import DatabaseProbe, EngineHealth
 from engine.keys import load_master_key
 from engine.limits import BATCH_TAPS_MAX, DB_COMMAND_TIMEOUT_S, HANDSHAKE_DEADLINE_S, IDLE_TIMEOUT_S, WRITER_QUEUE_MAX
-from engine.metrics import EngineMetrics
+from engine.loop_lag import LoopLagMonitor
+from engine.metrics import EngineMetrics, EngineSources
 from engine.migrate import migrate
 from engine.processor import Processor
 from engine.session import SessionContext, SessionLimits, TerminalSession
 from engine.state import CityState, load_state
-from engine.writer import BatchWriter, next_batch_id
+from engine.writer import AnotherWriter, BatchWriter, connect_writer, next_batch_id
 
 log = logging.getLogger("citycard.server")
+
+# The environment switch that allows the unsafe negative-control mode.
+UNSAFE_ENV = "CITYCARD_ALLOW_UNSAFE"
 
 # How long stop() waits for in-flight batches before closing anyway.
 SHUTDOWN_DRAIN_S = 10.0
@@ -48,6 +54,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     handshake_deadline_s: float = HANDSHAKE_DEADLINE_S
     idle_timeout_s: float = IDLE_TIMEOUT_S
     migrate: bool = True
+    # Test-only negative control (see Processor.unsafe_answer_before_commit);
+    # refused unless CITYCARD_ALLOW_UNSAFE=1 is set as well.
+    unsafe_answer_before_commit: bool = False
 
 
 # Allocations between young-generation collections. CPython's default (700)
@@ -83,6 +92,11 @@ class Engine:
         self.processor: Processor | None = None
         self.writer: BatchWriter | None = None
         self.metrics = EngineMetrics()
+        self.health: EngineHealth | None = None
+        self._database_probe: DatabaseProbe | None = None
+        self._loop_lag: LoopLagMonitor | None = None
+        # Service id -> code, the label values of the per-service metrics.
+        self._services: dict[int, str] = {}
         self.context: SessionContext | None = None
         self._pool: asyncpg.Pool | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -100,8 +114,16 @@ class Engine:
         async with self._pool.acquire() as conn:
             if config.migrate:
                 await migrate(conn)
+        # The writer lock first, the city second: see connect_writer.
+        try:
+            writer_connection = await connect_writer(config.dsn)
+        except AnotherWriter as error:
+            await self._abort()
+            raise EngineStartError(str(error)) from None
+        async with self._pool.acquire() as conn:
             state = await load_state(conn)
             first_batch_id = await next_batch_id(conn)
+            self._services = {row["id"]: row["code"] for row in await conn.fetch("SELECT id, code FROM services")}
         self.state = state
         _settle_garbage_collector()
         processor = self.processor = Processor(state, self._pool)
@@ -113,8 +135,15 @@ class Engine:
             batch_taps_max=config.batch_taps_max,
             queue_max=max(config.writer_queue_max, config.batch_taps_max),
             on_commit_metrics=self.metrics.observe_commit,
+            connection=writer_connection,
         )
         processor.attach(writer)
+        if config.unsafe_answer_before_commit:
+            if os.environ.get(UNSAFE_ENV) != "1":
+                await self._abort()
+                raise EngineStartError(f"unsafe_answer_before_commit needs {UNSAFE_ENV}=1: it can lose debits")
+            log.critical("UNSAFE: answering before commit; acknowledged debits can be lost")
+            processor.unsafe_answer_before_commit = True
         processor.on_result = self.metrics.count_decision
         processor.on_immediate = self.metrics.count_immediate
         self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
@@ -127,6 +156,7 @@ class Engine:
             limits=limits,
             observe_latency=self.metrics.request_latency.observe,
         )
+        self._start_health()
         self._register_gauges()
         loop = asyncio.get_running_loop()
         try:
@@ -141,7 +171,7 @@ class Engine:
         self.port = self._server.sockets[0].getsockname()[1]
         if config.metrics_port is not None:
             try:
-                self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
+                self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port, self.health)
             except OSError as error:
                 await self.stop()
                 raise EngineStartError(
@@ -152,18 +182,43 @@ class Engine:
             extra={"port": self.port, "cards": state.card_count(), "terminals": len(state.terminals)},
         )
 
+    def _start_health(self) -> None:
+        """The database probe and the loop-lag monitor, whose findings /healthz and /readyz read."""
+        assert self._pool is not None and self.writer is not None and self.context is not None
+        probe = self._database_probe = DatabaseProbe(self._pool)
+        loop_lag = self._loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)
+        self.health = EngineHealth(
+            state=self.state,
+            writer=self.writer,
+            context=self.context,
+            database=probe,
+            loop=loop_lag,
+            failed=self.failed,
+        )
+        probe.start()
+        loop_lag.start()
+
+    async def _stop_health(self) -> None:
+        if self._database_probe is not None:
+            await self._database_probe.stop()
+        if self._loop_lag is not None:
+            await self._loop_lag.stop()
+
     def _register_gauges(self) -> None:
-        metrics = self.metrics
         writer = self.writer
         context = self.context
         state = self.state
-        assert writer is not None and context is not None and state is not None
-        metrics.gauge("citycard_writer_queue_depth", "Decisions queued or in flight.", writer.depth)
-        metrics.gauge("citycard_writer_healthy", "1 when the writer can commit.", lambda: float(writer.healthy))
-        metrics.gauge(
-            "citycard_connections_open", "Open terminal connections.", lambda: context.counters.connections_open
+        health = self.health
+        assert writer is not None and context is not None and state is not None and health is not None
+        sources = EngineSources(
+            writer=writer,
+            sessions=context.counters,
+            state=state,
+            health=health,
+            pool=lambda: self._pool,
+            writer_queue_capacity=max(self.config.writer_queue_max, self.config.batch_taps_max),
         )
-        metrics.gauge("citycard_cards_loaded", "Cards held in memory.", state.card_count)
+        self.metrics.attach(sources, self._services)
 
     def _writer_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -197,6 +252,9 @@ class Engine:
         await self._abort()
 
     async def _abort(self) -> None:
+        await self._stop_health()
+        # Stopping the HTTP thread waits for its poll (up to half a second): not on the loop.
+        await asyncio.to_thread(self.metrics.close)
         if self._writer_task is not None and not self._writer_task.done():
             self._writer_task.cancel()
         if self._pool is not None:

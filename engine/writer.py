@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import asyncpg
 
-from engine.decision import NO_ACCOUNT, Decision
+from engine import fastpath
+from engine.decision import Decision
 from engine.limits import (
     BATCH_TAPS_MAX,
     DB_COMMAND_TIMEOUT_S,
@@ -44,6 +45,14 @@ log = logging.getLogger("citycard.writer")
 # that does not answer within this is treated as unavailable (BUSY_RETRY)
 # rather than holding the batch's terminals.
 WRITER_CONNECT_TIMEOUT_S = 5.0
+
+# The writer lock (an advisory lock key, "cityWRIT"): one engine per database.
+WRITER_LOCK_KEY = 0x63697479_57524954
+# How long a starting (or reconnecting) engine waits for the lock: a crashed
+# predecessor's session ends within a commit's time; 30 s also covers a
+# connection that died on the network and is noticed late by the server.
+WRITER_LOCK_WAIT_S = 30.0
+WRITER_LOCK_POLL_S = 0.1
 
 # The commit statement is planned once: a custom plan per batch costs about
 # 0.4 ms of planning (more than executing a small batch), and the generic
@@ -100,117 +109,11 @@ _BATCH_EXISTS_SQL = "SELECT EXISTS (SELECT 1 FROM batches WHERE id = $1)"
 BatchDone = Callable[[list[Decision], bool], None]
 
 
-def batch_arguments(batch_id: int, batch: Sequence[Decision], state: CityState) -> tuple[object, ...]:
-    """Build the commit statement's arguments: column arrays (as array
-    literals) and per-account aggregates."""
-    account_ids = state.account_id
-    terminal_ids: list[int] = []
-    seqs: list[int] = []
-    kinds: list[int] = []
-    uids: list[int] = []
-    counters: list[int] = []
-    flags: list[int] = []
-    requested: list[int] = []
-    originals: list[int | None] = []
-    event_ms: list[int] = []
-    recorded_ms: list[int] = []
-    results: list[int] = []
-    amounts: list[int] = []
-    balances: list[int] = []
-    services: list[int] = []
-    accounts: list[int | None] = []
-    deltas: dict[int, int] = {}
-    # (ledger kind, service) -> {account position: cents}
-    transfers: dict[tuple[int, int], dict[int, int]] = {}
-    for d in batch:
-        terminal_ids.append(d.terminal_id)
-        seqs.append(d.terminal_seq)
-        kinds.append(d.kind)
-        uids.append(d.card_uid)
-        counters.append(d.card_counter)
-        flags.append(d.tap_flags)
-        requested.append(d.requested)
-        originals.append(d.original_seq)
-        event_ms.append(d.event_time_ms)
-        recorded_ms.append(d.recorded_ms)
-        results.append(d.result)
-        amounts.append(d.amount)
-        balances.append(d.balance)
-        services.append(d.service_id)
-        accounts.append(account_ids[d.card_account] if d.card_account != NO_ACCOUNT else None)
-        amount = d.amount
-        if amount and d.result == 0:
-            source = d.source
-            target = d.target
-            deltas[source] = deltas.get(source, 0) - amount
-            deltas[target] = deltas.get(target, 0) + amount
-            entries = transfers.get((d.ledger_kind, d.service_id))
-            if entries is None:
-                entries = transfers[(d.ledger_kind, d.service_id)] = {}
-            entries[source] = entries.get(source, 0) - amount
-            entries[target] = entries.get(target, 0) + amount
-    # Each account once, in id order: a stable lock order for the UPDATE.
-    delta_items = sorted((account_ids[p], delta) for p, delta in deltas.items() if delta)
-    transfer_ids: list[int] = []
-    transfer_kinds: list[int] = []
-    transfer_services: list[int] = []
-    entry_transfers: list[int] = []
-    entry_accounts: list[int] = []
-    entry_amounts: list[int] = []
-    for number, ((kind, service), entries) in enumerate(sorted(transfers.items())):
-        nonzero = [(account_ids[p], cents) for p, cents in entries.items() if cents]
-        if not nonzero:
-            continue  # e.g. a fare and its refund in the same batch
-        transfer_id = batch_id * TRANSFERS_PER_BATCH_MAX + number
-        transfer_ids.append(transfer_id)
-        transfer_kinds.append(kind)
-        transfer_services.append(service)
-        for account_id, cents in sorted(nonzero):
-            entry_transfers.append(transfer_id)
-            entry_accounts.append(account_id)
-            entry_amounts.append(cents)
-    return (
-        batch_id,
-        len(batch),
-        _array(terminal_ids),
-        _array(seqs),
-        _array(kinds),
-        _array(uids),
-        _array(counters),
-        _array(flags),
-        _array(requested),
-        _nullable_array(originals),
-        _array(event_ms),
-        _array(recorded_ms),
-        _array(results),
-        _array(amounts),
-        _array(balances),
-        _array(services),
-        _nullable_array(accounts),
-        _array([item[0] for item in delta_items]),
-        _array([item[1] for item in delta_items]),
-        _array(transfer_ids),
-        _array(transfer_kinds),
-        _array(transfer_services),
-        _array(entry_transfers),
-        _array(entry_accounts),
-        _array(entry_amounts),
-    )
-
-
-def _array(values: list[int]) -> str:
-    """A PostgreSQL array literal of integers: ``{1,2,3}``.
-
-    The commit statement takes its columns as text and casts them
-    (``$3::text::int4[]``): PostgreSQL parses an integer array literal in C
-    far faster than asyncpg encodes a Python list element by element (which
-    was a third of the engine's CPU at 20,000 taps a second).
-    """
-    return "{" + ",".join(map(str, values)) + "}"
-
-
-def _nullable_array(values: list[int | None]) -> str:
-    return "{" + ",".join("NULL" if value is None else str(value) for value in values) + "}"
+def batch_arguments(batch_id: int, batch: list[Decision], state: CityState) -> tuple[object, ...]:
+    """The commit statement's arguments: the tap record's columns as array
+    literals, per-account sums and per-(kind, service) ledger transfers
+    (``fastpath.encode_batch``, compiled)."""
+    return fastpath.encode_batch(batch_id, batch, state.account_id, TRANSFERS_PER_BATCH_MAX)
 
 
 class BatchWriter:
@@ -230,6 +133,7 @@ class BatchWriter:
         batch_taps_max: int = BATCH_TAPS_MAX,
         queue_max: int = WRITER_QUEUE_MAX,
         on_commit_metrics: Callable[[int, float], None] | None = None,
+        connection: asyncpg.Connection | None = None,
     ) -> None:
         if batch_taps_max < 1 or queue_max < batch_taps_max:
             raise ValueError("need 1 <= batch_taps_max <= queue_max")
@@ -242,7 +146,8 @@ class BatchWriter:
         self._queue: list[Decision] = []
         self._in_flight = 0
         self._wakeup = asyncio.Event()
-        self._conn: asyncpg.Connection | None = None
+        # The connection that holds the writer lock (see connect_writer).
+        self._conn: asyncpg.Connection | None = connection
         self._next_batch_id = next_batch_id
         self._stopping = False
         self.healthy = True
@@ -318,18 +223,15 @@ class BatchWriter:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(
-                self._dsn,
-                timeout=WRITER_CONNECT_TIMEOUT_S,
-                command_timeout=None,
-                server_settings=WRITER_SESSION_SETTINGS,
-            )
+            self._conn = await connect_writer(self._dsn)
             self.connections_opened += 1
         return self._conn
 
     async def _try_connect(self) -> asyncpg.Connection | None:
         try:
             return await self._connection()
+        except AnotherWriter:
+            raise  # fatal: never commit beside another engine
         except Exception as error:  # noqa: BLE001 - any failure to connect means "unavailable"
             log.warning("database unavailable: %r", error)
             await self._drop_connection()
@@ -383,11 +285,45 @@ class BatchWriter:
                 conn = await self._connection()
                 exists = await conn.fetchval(_BATCH_EXISTS_SQL, batch_id, timeout=DB_COMMAND_TIMEOUT_S)
                 return bool(exists)
+            except AnotherWriter:
+                raise
             except Exception as error:  # noqa: BLE001 - the database is unavailable in some way
                 log.warning("cannot resolve batch %d yet: %r; retrying in %.2fs", batch_id, error, delay)
                 await self._drop_connection()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, WRITER_RETRY_MAX_S)
+
+
+class AnotherWriter(Exception):
+    """Another engine holds the writer lock of this database: this one must not commit."""
+
+
+async def connect_writer(dsn: str) -> asyncpg.Connection:
+    """A connection for the writer, holding the database's writer lock.
+
+    The lock (a session advisory lock) makes the engine the only writer of
+    its database: a second engine on the same database would decide on
+    balances the first one is changing. It also closes a race after a crash:
+    the dead engine's last commit may still be running in PostgreSQL, and its
+    session keeps the lock until that commit ends, so a restarted engine loads
+    the city only after it. Waits up to WRITER_LOCK_WAIT_S, then raises
+    AnotherWriter.
+    """
+    conn = await asyncpg.connect(
+        dsn, timeout=WRITER_CONNECT_TIMEOUT_S, command_timeout=None, server_settings=WRITER_SESSION_SETTINGS
+    )
+    try:
+        deadline = time.monotonic() + WRITER_LOCK_WAIT_S
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", WRITER_LOCK_KEY):
+            if time.monotonic() > deadline:
+                raise AnotherWriter(
+                    f"another engine holds the writer lock of this database (waited {WRITER_LOCK_WAIT_S:.0f} s)"
+                )
+            await asyncio.sleep(WRITER_LOCK_POLL_S)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn
 
 
 async def next_batch_id(conn: asyncpg.Connection) -> int:

@@ -38,6 +38,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -45,6 +46,7 @@ from engine.db import connect, describe_dsn, ensure_database, quote_identifier, 
 from engine.embedded_db import BIN_DIR, POSTGRES_MAJOR_VERSION, EmbeddedPostgres
 from engine.migrate import migrate
 from engine.seed import DEFAULT_SEED, seed_city
+from tests.twins import TWIN_MODULES, load_twin
 
 TEST_DSN_ENV = "CITYCARD_TEST_DSN"
 
@@ -78,6 +80,12 @@ def server_dir_factory() -> Iterator[Callable[[], Path]]:
     all are removed at the end of the run, after their servers have stopped."""
     with contextlib.ExitStack() as stack:
         yield lambda: stack.enter_context(_server_directory())
+
+
+@pytest.fixture(scope="module", params=list(TWIN_MODULES))
+def fp(request: pytest.FixtureRequest) -> ModuleType:
+    """Each twin of the fast path in turn: the compiled one, then the pure one."""
+    return load_twin(request.param)
 
 
 @pytest.fixture(scope="session")

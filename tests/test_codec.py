@@ -58,11 +58,6 @@ def load_twin(name: str) -> ModuleType:
 
 # Module scope: a twin is a stateless module, and hypothesis needs fixtures
 # that are not reset between examples.
-@pytest.fixture(scope="module", params=list(TWIN_MODULES))
-def fp(request: pytest.FixtureRequest) -> ModuleType:
-    return load_twin(request.param)
-
-
 @pytest.fixture(scope="module")
 def twins() -> tuple[ModuleType, ModuleType]:
     return load_twin("cython"), load_twin("pure")

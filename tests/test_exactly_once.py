@@ -140,3 +140,23 @@ async def test_engine_under_test_restart_keeps_balances(
     finally:
         await engine.stop()
     assert result.balance_cents == 1000 - 4 * BUS_FARE
+
+
+async def test_one_engine_per_database(city_dsn: str, tmp_path: Path) -> None:
+    """A second engine on the same database refuses to start: two writers
+    would decide on balances the other is changing."""
+    from engine import writer
+    from engine.server import EngineStartError
+
+    async with start_engine(city_dsn, tmp_path):
+        waited = writer.WRITER_LOCK_WAIT_S
+        writer.WRITER_LOCK_WAIT_S = 0.2
+        try:
+            second = EngineUnderTest(city_dsn, tmp_path / "second")
+            with pytest.raises(EngineStartError, match="another engine holds the writer lock"):
+                await second.start()
+        finally:
+            writer.WRITER_LOCK_WAIT_S = waited
+    # Once the first engine is gone, the lock is free again.
+    async with start_engine(city_dsn, tmp_path) as engine:
+        assert engine.engine is not None and engine.engine.writer is not None

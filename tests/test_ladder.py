@@ -28,15 +28,10 @@ from engine import fastpath, ladder, limits
 from engine import state as state_module
 from engine.codes import CardStatus, OperationKind, ResultCode, TerminalKind
 from engine.state import CityState, Terminal
-from tests.twins import TWIN_MODULES, load_twin
+from tests.twins import load_twin
 
 R = ResultCode
 TAP, TOPUP, REVERSAL = OperationKind.TAP, OperationKind.TOPUP, OperationKind.REVERSAL
-
-
-@pytest.fixture(scope="module", params=list(TWIN_MODULES))
-def fp(request: pytest.FixtureRequest) -> ModuleType:
-    return load_twin(request.param)
 
 
 @pytest.fixture(scope="module")

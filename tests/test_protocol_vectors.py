@@ -50,11 +50,6 @@ def load_twin(name: str) -> ModuleType:
         )
 
 
-@pytest.fixture(scope="module", params=list(TWIN_MODULES))
-def fp(request: pytest.FixtureRequest) -> ModuleType:
-    return load_twin(request.param)
-
-
 # --- Reading the vectors from the document ----------------------------------------
 
 # The body fields of each message, in table order, with how to read them.
