@@ -54,13 +54,16 @@ WRITER_LOCK_KEY = 0x63697479_57524954
 WRITER_LOCK_WAIT_S = 30.0
 WRITER_LOCK_POLL_S = 0.1
 
-# The commit statement is planned once: a custom plan per batch costs about
-# 0.4 ms of planning (more than executing a small batch), and the generic
-# plan (index look-ups of the accounts a batch touches) is the right one for
-# every batch size up to BATCH_TAPS_MAX.
+# Settings of the writer's session. The commit statement is planned once: a
+# custom plan per batch costs about 0.4 ms of planning (more than executing a
+# small batch), and the generic plan (index look-ups of the accounts a batch
+# touches) is the right one for every batch size up to BATCH_TAPS_MAX.
 WRITER_SESSION_SETTINGS = {
     "application_name": "citycard-writer",
     "plan_cache_mode": "force_generic_plan",
+    # A terminal hears APPROVED only once its batch is on disk, whatever the
+    # server's default: never trust a DSN's server to have it on.
+    "synchronous_commit": "on",
 }
 
 # Transfer ids are batch_id * TRANSFERS_PER_BATCH_MAX + k: a batch holds one
