@@ -13,7 +13,16 @@ What it does:
    whose balance runs out are declined INSUFFICIENT_FUNDS, a decision that is
    committed durably like an approval, so both count as taps; the report
    gives approved and declined separately.
-2. Closed loop on the batched engine: ``citycard serve`` runs as a
+2. Open loop on the batched engine, first, when ``--rate`` is given (after
+   the closed loop it would also measure PostgreSQL writing back the rows the
+   closed loop just committed): taps are scheduled
+   at fixed intervals (1/rate, round robin over the connections) and sent at
+   their scheduled time whatever the replies do; latency is measured from the
+   scheduled time, so queueing in the engine and in this generator counts
+   (no coordinated omission). A connection never has more than the
+   protocol's 256 requests unanswered: beyond that taps wait here, and that
+   wait is part of their latency.
+3. Closed loop on the batched engine: ``citycard serve`` runs as a
    subprocess on that database; this process opens ``--connections``
    authenticated sessions (each a different bus validator; keys derived from
    the master key in the shared data directory) and keeps ``--pipeline``
@@ -22,13 +31,6 @@ What it does:
    is replies received per second (every result code counts; errors are
    reported separately), latency is send -> reply of the replies received in
    the window.
-3. Open loop on the same engine when ``--rate`` is given: taps are scheduled
-   at fixed intervals (1/rate, round robin over the connections) and sent at
-   their scheduled time whatever the replies do; latency is measured from the
-   scheduled time, so queueing in the engine and in this generator counts
-   (no coordinated omission). A connection never has more than the
-   protocol's 256 requests unanswered: beyond that taps wait here, and that
-   wait is part of their latency.
 4. The closed loop again against the engine started with ``--naive`` (one
    commit per tap), for ``--naive-seconds`` (default: ``--seconds``):
    ``ratio = taps_per_s / naive_taps_per_s``.
@@ -646,6 +648,13 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         seqs = {terminal.id: base_seq for terminal in city.terminals}
         open_report: dict[str, object] | None = None
         with serve_engine(database.dsn, data_dir, log_dir=log_dir, name="batched") as engine:
+            # The open loop first: measured after the closed loop, it would
+            # also measure PostgreSQL writing back the hundreds of thousands
+            # of rows the closed loop just committed.
+            if args.rate is not None:
+                open_report = uvloop.run(
+                    open_loop(engine, pgdata, city.terminals, seqs, cards, seconds=args.seconds, rate=args.rate)
+                )
             batched = uvloop.run(
                 closed_loop(
                     engine,
@@ -658,10 +667,6 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
                     pipeline=args.pipeline,
                 )
             )
-            if args.rate is not None:
-                open_report = uvloop.run(
-                    open_loop(engine, pgdata, city.terminals, seqs, cards, seconds=args.seconds, rate=args.rate)
-                )
         naive: dict[str, object] | None = None
         if not args.skip_naive:
             with serve_engine(database.dsn, data_dir, log_dir=log_dir, naive=True, name="naive") as engine:

@@ -1,31 +1,70 @@
-"""Prometheus metrics, counted cheaply.
+"""Prometheus metrics, counted cheaply, served from their own thread.
 
-The hot path never touches a prometheus-client object per tap: results are
-counted per committed batch with pre-bound label children, and gauges that
-mirror engine state (queue depth, connections) are read at scrape time
-through callbacks. The HTTP endpoint runs in prometheus-client's own thread,
-so a scrape never blocks the event loop.
+The hot path never touches a prometheus-client object per tap. A committed
+decision adds one to a plain dict keyed by (service, operation, result); an
+immediate answer (BUSY_RETRY, PROTOCOL_ERROR, SEQUENCE_REUSED) one to
+another. Everything else the engine already counts (writer, sessions, pool,
+health) is read as plain attributes at scrape time by ``EngineCollector``.
+Only per-batch figures (batch size, commit time) use prometheus-client
+histograms, once per batch.
+
+The HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``) runs in its own
+threads, so a scrape never blocks the event loop, and a wedged loop still
+gets reported. Reading counters while the loop adds to them is safe under the
+GIL: a scrape can be a few taps behind, never wrong by more.
+
+Names follow Prometheus conventions: ``citycard_`` prefix, base units
+(seconds), ``_total`` on counters. Labels are bounded sets (service codes,
+operations, result codes, error kinds): never a card or terminal id.
+
+>>> metrics = EngineMetrics()                               # doctest: +SKIP
+>>> port = metrics.serve("127.0.0.1", 0, health)            # then GET /metrics
 """
 
 from __future__ import annotations
 
-import time
+import socket
+import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.core import HistogramMetricFamily
+import asyncpg
+from prometheus_client import CollectorRegistry, Histogram, Info, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from engine import __version__, fastpath
-from engine.codes import OperationKind, ResultCode
+from engine.codes import ErrorCode, OperationKind, ResultCode
 from engine.decision import Decision
 
-# Latency objectives (docs/performance.md) are bucket edges, so the ratio of
-# requests within each objective is exact, not interpolated.
+if TYPE_CHECKING:
+    from engine.health import EngineHealth
+    from engine.session import SessionCounters
+    from engine.state import CityState
+    from engine.writer import BatchWriter
+
+# Latency objectives (p99 <= 10 ms, and 5 ms and 50 ms for the dashboards;
+# docs/performance.md) are bucket edges, so the share of requests within each
+# objective is exact, not interpolated. 100 us to 5 s covers a fast tap to a
+# database stall.
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.010, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMMIT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.010, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+# The lag monitor's timer has millisecond resolution: finer edges would be noise.
+LOOP_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Label value for a service id the services table did not name at start.
+UNKNOWN_SERVICE = "unknown"
+
+_OPERATION_NAMES = {int(kind): kind.name.lower() for kind in OperationKind}
+_RESULT_NAMES = {int(code): code.name.lower() for code in ResultCode}
+_DECLINES = tuple(int(code) for code in ResultCode if code.is_final and code != ResultCode.APPROVED)
+_IMMEDIATE = (ResultCode.BUSY_RETRY, ResultCode.SEQUENCE_REUSED, ResultCode.PROTOCOL_ERROR)
+_ERROR_NAMES = {int(code): code.name.lower() for code in ErrorCode}
 
 
 class LoopHistogram(Collector):
@@ -52,6 +91,7 @@ class LoopHistogram(Collector):
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         counts = list(self.counts)
+        total = self.total
         cumulative = 0
         buckets: list[tuple[str, float]] = []
         for edge, count in zip(self.edges, counts, strict=False):
@@ -59,7 +99,121 @@ class LoopHistogram(Collector):
             buckets.append((repr(float(edge)), cumulative))
         cumulative += counts[-1]
         buckets.append(("+Inf", cumulative))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.total)
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+
+@dataclass
+class EngineSources:
+    """What the engine collector reads at scrape time: plain attributes only."""
+
+    writer: BatchWriter
+    sessions: SessionCounters
+    state: CityState
+    health: EngineHealth
+    # The pool goes away when the engine stops; read it through this.
+    pool: Callable[[], asyncpg.Pool | None]
+    writer_queue_capacity: int
+
+
+class EngineCollector(Collector):
+    """Exports the engine's plain counters and gauges when scraped."""
+
+    def __init__(self, metrics: EngineMetrics, sources: EngineSources) -> None:
+        self._metrics = metrics
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._metrics.collect_decisions()
+        yield from self._writer()
+        yield from self._sessions()
+        yield from self._database()
+        yield from self._health()
+
+    def _writer(self) -> Iterator[Metric]:
+        writer = self._sources.writer
+        yield _gauge("citycard_writer_queue_depth", "Decisions queued for the writer or in flight.", writer.depth())
+        yield _gauge(
+            "citycard_writer_queue_capacity",
+            "Decisions the writer may hold; beyond it requests are answered BUSY_RETRY.",
+            self._sources.writer_queue_capacity,
+        )
+        yield _gauge(
+            "citycard_writer_healthy",
+            "1 when the writer can commit, 0 while the database is away.",
+            float(writer.healthy),
+        )
+        batches = CounterMetricFamily(
+            "citycard_batches", "Batches by outcome: committed, or failed (answered BUSY_RETRY).", labels=["outcome"]
+        )
+        batches.add_metric(["committed"], writer.batches_committed)
+        batches.add_metric(["failed"], writer.batches_failed)
+        yield batches
+        yield _counter(
+            "citycard_writer_connections_opened",
+            "Database connections the writer opened (1 plus one per reconnection).",
+            writer.connections_opened,
+        )
+        yield _gauge(
+            "citycard_last_commit_timestamp_seconds",
+            "Unix time of the last committed batch (0 before the first).",
+            writer.last_commit_unix,
+        )
+
+    def _sessions(self) -> Iterator[Metric]:
+        counters = self._sources.sessions
+        yield _gauge("citycard_connections_open", "Open terminal connections.", counters.connections_open)
+        yield _counter("citycard_connections_accepted", "Terminal connections accepted.", counters.connections_total)
+        yield _counter(
+            "citycard_connections_rejected",
+            "Terminal connections refused (connection limit, or the engine stopping).",
+            counters.connections_rejected,
+        )
+        yield _counter(
+            "citycard_auth_failures",
+            "Handshakes refused: unknown or inactive terminal, wrong key version or proof.",
+            counters.auth_failures,
+        )
+        errors = CounterMetricFamily(
+            "citycard_protocol_errors", "ERROR frames sent (each closes its connection), by kind.", labels=["kind"]
+        )
+        seen = dict(counters.protocol_errors)
+        for code, name in _ERROR_NAMES.items():
+            errors.add_metric([name], seen.get(code, 0))
+        yield errors
+
+    def _database(self) -> Iterator[Metric]:
+        pool = self._sources.pool()
+        size = idle = maximum = 0
+        if pool is not None:
+            size, idle, maximum = pool.get_size(), pool.get_idle_size(), pool.get_max_size()
+        connections = GaugeMetricFamily(
+            "citycard_db_pool_connections",
+            "Open connections of the look-up pool (the writer has its own), by state.",
+            labels=["state"],
+        )
+        connections.add_metric(["in_use"], max(0, size - idle))
+        connections.add_metric(["idle"], idle)
+        yield connections
+        yield _gauge("citycard_db_pool_connections_max", "Most connections the look-up pool may open.", maximum)
+
+    def _health(self) -> Iterator[Metric]:
+        sources = self._sources
+        health = sources.health
+        yield _gauge("citycard_cards_loaded", "Cards held in memory.", sources.state.card_count())
+        yield _gauge(
+            "citycard_database_reachable",
+            "1 when the last database probe (SELECT 1 every 2 s) succeeded.",
+            float(health.database_reachable),
+        )
+        yield _gauge("citycard_ready", "1 when /readyz answers 200.", float(health.readiness().ok))
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
 
 
 class EngineMetrics:
@@ -67,26 +221,16 @@ class EngineMetrics:
 
     def __init__(self) -> None:
         registry = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
         build = Info("citycard_build", "Engine version and fast-path implementation.", registry=registry)
         build.info({"version": __version__, "fastpath": fastpath.IMPLEMENTATION})
-        self.requests = Counter(
-            "citycard_requests_total",
-            "Decided requests by operation and result.",
-            ["operation", "result"],
-            registry=registry,
-        )
-        self.immediate = Counter(
-            "citycard_immediate_answers_total",
-            "Requests answered without a decision (busy, protocol error, sequence reused).",
-            ["result"],
-            registry=registry,
-        )
         self.batch_size = Histogram(
             "citycard_batch_size", "Decisions per committed batch.", buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
         self.commit_seconds = Histogram(
             "citycard_commit_duration_seconds",
-            "Time to commit one batch.",
+            "Time to commit one batch (one statement, synchronous commit).",
             buckets=COMMIT_BUCKETS_S,
             registry=registry,
         )
@@ -96,35 +240,130 @@ class EngineMetrics:
             LATENCY_BUCKETS_S,
             registry,
         )
-        self.last_commit = Gauge(
-            "citycard_last_commit_timestamp_seconds", "Unix time of the last successful commit.", registry=registry
+        self.loop_lag = LoopHistogram(
+            "citycard_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 100 ms.",
+            LOOP_LAG_BUCKETS_S,
+            registry,
         )
-        # Pre-bound children: labels resolved once, not per tap.
-        self._children: dict[tuple[int, int], Counter] = {
-            (kind, result): self.requests.labels(OperationKind(kind).name.lower(), ResultCode(result).name.lower())
-            for kind in OperationKind
-            for result in ResultCode
-        }
-        self._immediate_children: dict[int, Counter] = {
-            result: self.immediate.labels(ResultCode(result).name.lower()) for result in ResultCode
-        }
+        # (service id, operation, result) -> committed decisions. Written by
+        # the loop only; copied whole by the scrape thread.
+        self._decisions: dict[tuple[int, int, int], int] = {}
+        self._immediate: dict[int, int] = {}
+        self._services: dict[int, str] = {}
+        self._http: ThreadingHTTPServer | None = None
 
-    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        """Export a value the engine already keeps, read at scrape time."""
-        Gauge(name, documentation, registry=self.registry).set_function(read)
+    # --- counting, on the event loop ------------------------------------------------
 
     def count_decision(self, decision: Decision) -> None:
-        self._children[(decision.kind, decision.result)].inc()
+        """One committed decision (``Processor.on_result``): a dict update."""
+        key = (decision.service_id, decision.kind, decision.result)
+        decisions = self._decisions
+        decisions[key] = decisions.get(key, 0) + 1
 
     def count_immediate(self, result: int) -> None:
-        self._immediate_children[result].inc()
+        """One request answered without a decision (``Processor.on_immediate``)."""
+        immediate = self._immediate
+        immediate[result] = immediate.get(result, 0) + 1
 
     def observe_commit(self, size: int, seconds: float) -> None:
+        """One committed batch (``BatchWriter.on_commit_metrics``)."""
         self.batch_size.observe(size)
         self.commit_seconds.observe(seconds)
-        self.last_commit.set(time.time())
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint in a thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    # --- wiring ------------------------------------------------------------------------
+
+    def attach(self, sources: EngineSources, services: dict[int, str]) -> None:
+        """Export the engine's own counters; ``services`` maps service ids to codes (label values)."""
+        self._services = dict(services)
+        self.registry.register(EngineCollector(self, sources))
+
+    def collect_decisions(self) -> Iterator[Metric]:
+        """The per-decision counters, aggregated at scrape time."""
+        decisions = self._decisions.copy()
+        immediate = self._immediate.copy()
+        services = self._services
+        requests = CounterMetricFamily(
+            "citycard_requests",
+            "Committed decisions on TAP, TOPUP and REVERSAL by service, operation and result.",
+            labels=["service", "operation", "result"],
+        )
+        # Every (service, reason) from zero, so a first decline is a rate, not a new series.
+        declines = {(service, reason): 0 for service in services.values() for reason in _DECLINES}
+        for (service_id, kind, result), count in sorted(decisions.items()):
+            service = services.get(service_id, UNKNOWN_SERVICE)
+            requests.add_metric([service, _OPERATION_NAMES[kind], _RESULT_NAMES[result]], count)
+            if result in _DECLINES:
+                declines[(service, result)] = declines.get((service, result), 0) + count
+        yield requests
+        by_reason = CounterMetricFamily(
+            "citycard_declines", "Committed final declines by service and reason.", labels=["service", "reason"]
+        )
+        for (service, reason), count in declines.items():
+            by_reason.add_metric([service, _RESULT_NAMES[reason]], count)
+        yield by_reason
+        answers = CounterMetricFamily(
+            "citycard_immediate_answers",
+            "Requests answered without a committed decision (busy, protocol error, sequence reused).",
+            labels=["result"],
+        )
+        for result in _IMMEDIATE:
+            answers.add_metric([_RESULT_NAMES[result]], immediate.get(result, 0))
+        yield answers
+
+    # --- the HTTP endpoint ---------------------------------------------------------------
+
+    def serve(self, host: str, port: int, health: EngineHealth | None = None) -> int:
+        """Serve /metrics, /healthz and /readyz from daemon threads; returns the bound port."""
+        handler = type("MetricsHandler", (_MetricsHandler,), {"registry": self.registry, "health": health})
+        # IPv4 or IPv6, whichever the host is.
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsServer", (ThreadingHTTPServer,), {"address_family": family})
+        server = server_class((host, port), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="citycard-metrics", daemon=True).start()
+        self._http = server
         return int(server.server_address[1])
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint (blocks until its loop exits, a fraction of a second)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry
+    health: EngineHealth | None
+    # A client that connects and says nothing gives its thread back after this.
+    timeout = 10.0
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, content_type, encoder(self.registry))
+        elif path in ("/healthz", "/readyz"):
+            if self.health is None:
+                # Metrics served without an engine behind them: alive, never ready.
+                if path == "/healthz":
+                    self._reply(200, "application/json", b'{"ok":true,"checks":{}}')
+                else:
+                    self._reply(503, "application/json", b'{"ok":false,"checks":{}}')
+                return
+            report = self.health.liveness() if path == "/healthz" else self.health.readiness()
+            self._reply(report.status, "application/json", report.to_json())
+        else:
+            self._reply(404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes every few seconds are not news: no access log."""
