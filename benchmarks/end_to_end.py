@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import shutil
@@ -68,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+import asyncpg
 import uvloop
 
 from benchmarks.common import (
@@ -438,6 +440,8 @@ async def closed_loop(
     await asyncio.sleep(max(0.0, (start - time.perf_counter_ns()) / 1e9))
     before = resources.sample()
     await asyncio.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9))
+    if before is None:  # the schedule ended before the window began (a tiny rate)
+        before = resources.sample()
     after = resources.sample()
     await close_sessions(connections, seqs, phase)
     return summarize(phase, seconds, usage(before, after))
@@ -452,22 +456,28 @@ async def open_loop(
     *,
     seconds: float,
     rate: float,
+    warmup_s: float,
 ) -> dict[str, object]:
     phase = Phase(closed_loop=False)
     connections = await open_sessions(engine.host, engine.port, terminals, seqs, cards, phase)
     resources = Resources(engine, pgdata)
     interval_ns = 1e9 / rate
-    total = int(rate * seconds)
+    # The same rate during the warm-up, unmeasured: the first second of a
+    # fresh engine (cold caches, new sessions) is not its steady state.
+    total = int(rate * (seconds + warmup_s))
     start = time.perf_counter_ns() + 10_000_000
-    end = start + int(seconds * 1e9)
-    phase.record_from_ns = phase.rate_from_ns = start
+    measured_from = start + int(warmup_s * 1e9)
+    end = measured_from + int(seconds * 1e9)
+    phase.record_from_ns = phase.rate_from_ns = measured_from
     phase.record_until_ns = 1 << 62  # every scheduled tap's reply counts, however late
     phase.rate_until_ns = end
-    before = resources.sample()
+    before = resources.sample() if warmup_s <= 0 else None
     count = len(connections)
     due = 0
     while due < total:
         now = time.perf_counter_ns()
+        if before is None and now >= measured_from:
+            before = resources.sample()
         touched: set[LoadConnection] = set()
         while due < total and start + int(due * interval_ns) <= now:
             connection = connections[due % count]
@@ -482,6 +492,8 @@ async def open_loop(
             wait_ns = start + int(due * interval_ns) - time.perf_counter_ns()
             await asyncio.sleep(max(wait_ns / 1e9, OPEN_LOOP_TICK_S))
     await asyncio.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9))
+    if before is None:  # the schedule ended before the window began (a tiny rate)
+        before = resources.sample()
     after = resources.sample()
     await close_sessions(connections, seqs, phase)
     report = summarize(phase, seconds, usage(before, after))
@@ -557,6 +569,13 @@ async def prepare_city(dsn: str, cards: int, connections: int, master: bytes) ->
         seeded_now = existing == 0
         if seeded_now:
             await seed_city(conn, cards, seed=SEED)
+        # Start every run from a settled database: without this, PostgreSQL
+        # may be vacuuming the freshly seeded tables or writing them back (a
+        # checkpoint) during the measurement. CHECKPOINT needs a superuser or
+        # pg_checkpoint; skipped without.
+        await conn.execute("VACUUM ANALYZE")
+        with contextlib.suppress(asyncpg.PostgresError):
+            await conn.execute("CHECKPOINT")
         cards_in_city = int(await conn.fetchval("SELECT count(*) FROM cards"))
         terminals = [t for t in await list_terminals(conn) if t.kind == TerminalKind.VALIDATOR and t.status == 0]
         terminals.sort(key=lambda t: (t.service_code != PREFERRED_SERVICE, t.id))
@@ -653,7 +672,16 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
             # of rows the closed loop just committed.
             if args.rate is not None:
                 open_report = uvloop.run(
-                    open_loop(engine, pgdata, city.terminals, seqs, cards, seconds=args.seconds, rate=args.rate)
+                    open_loop(
+                        engine,
+                        pgdata,
+                        city.terminals,
+                        seqs,
+                        cards,
+                        seconds=args.seconds,
+                        rate=args.rate,
+                        warmup_s=args.warmup,
+                    )
                 )
             batched = uvloop.run(
                 closed_loop(
