@@ -510,6 +510,11 @@ async def open_loop(
     }
 
 
+def _rate(report: dict[str, object] | None) -> float:
+    assert report is not None
+    return float(report["taps_per_s"])  # type: ignore[arg-type]
+
+
 def summarize(phase: Phase, seconds: float, resource_usage: dict[str, object]) -> dict[str, object]:
     histogram = new_latency_histogram()
     record_latencies_us(histogram, phase.latency_us)
@@ -618,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="data directory (master key, embedded server); kept")
     parser.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive phase")
+    parser.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="also run the closed loop with metrics off, to show what counting costs",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -695,6 +705,32 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
                     pipeline=args.pipeline,
                 )
             )
+        metrics_off: dict[str, object] | None = None
+        metrics_on_again: dict[str, object] | None = None
+        if args.metrics_cost:
+            # The same closed loop on an engine that counts nothing per
+            # request (metrics off), then with metrics on again: compared
+            # with each other, the two see the same mix of decisions.
+            for metrics_on in (False, True):
+                with serve_engine(
+                    database.dsn, data_dir, log_dir=log_dir, metrics=metrics_on, name=f"metrics-{metrics_on}"
+                ) as engine:
+                    phase_report = uvloop.run(
+                        closed_loop(
+                            engine,
+                            pgdata,
+                            city.terminals,
+                            seqs,
+                            cards,
+                            seconds=args.seconds,
+                            warmup_s=args.warmup,
+                            pipeline=args.pipeline,
+                        )
+                    )
+                if metrics_on:
+                    metrics_on_again = phase_report
+                else:
+                    metrics_off = phase_report
         naive: dict[str, object] | None = None
         if not args.skip_naive:
             with serve_engine(database.dsn, data_dir, log_dir=log_dir, naive=True, name="naive") as engine:
@@ -723,17 +759,36 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         "batch_size_mean": batched["batch_size_mean"],
         "naive_taps_per_s": naive_taps_per_s,
         "ratio": round(taps_per_s / naive_taps_per_s, 2) if naive_taps_per_s else None,
+        "metrics_off_taps_per_s": metrics_off["taps_per_s"] if metrics_off is not None else None,
+        "metrics_on_again_taps_per_s": metrics_on_again["taps_per_s"] if metrics_on_again is not None else None,
+        # Throughput lost to counting: the metrics-on phase run right after
+        # the metrics-off one, in percent of the latter (negative: within the
+        # noise of the machine). Not the first phase: balances run out as the
+        # run goes on, later phases see more declines, which cost less.
+        "metrics_cost_percent": (
+            round(
+                100.0
+                * (1.0 - _rate(metrics_on_again) / _rate(metrics_off)),
+                1,
+            )
+            if metrics_off is not None and metrics_on_again is not None
+            else None
+        ),
         "approved": batched["approved"],
         "declined": batched["declined"],
         "errors": batched["errors"]
         + (naive["errors"] if naive is not None else 0)  # type: ignore[operator]
-        + (open_report["errors"] if open_report is not None else 0),
+        + (open_report["errors"] if open_report is not None else 0)
+        + (metrics_off["errors"] if metrics_off is not None else 0)
+        + (metrics_on_again["errors"] if metrics_on_again is not None else 0),
         "seconds": args.seconds,
         "connections": args.connections,
         "pipeline": args.pipeline,
         "cards": city.cards_in_city,
         "batched": batched,
         "naive": naive,
+        "metrics_off": metrics_off,
+        "metrics_on_again": metrics_on_again,
     }
     if open_report is not None:
         report["open_loop"] = open_report

@@ -112,6 +112,8 @@ class EngineSources:
     health: EngineHealth
     # The pool goes away when the engine stops; read it through this.
     pool: Callable[[], asyncpg.Pool | None]
+    # Look-ups that found no idle pool connection (Processor.pool_waits).
+    pool_waits: Callable[[], int]
     writer_queue_capacity: int
 
 
@@ -195,6 +197,11 @@ class EngineCollector(Collector):
         connections.add_metric(["idle"], idle)
         yield connections
         yield _gauge("citycard_db_pool_connections_max", "Most connections the look-up pool may open.", maximum)
+        yield _counter(
+            "citycard_db_pool_waits_total",
+            "Record look-ups that found no idle pool connection and waited for one.",
+            self._sources.pool_waits(),
+        )
 
     def _health(self) -> Iterator[Metric]:
         sources = self._sources

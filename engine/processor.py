@@ -82,6 +82,8 @@ class Processor:
         self.on_result: ResultCounter | None = None
         self.on_immediate: Callable[[int], None] | None = None
         self.reversal_window_ms = REVERSAL_WINDOW_S * 1000
+        # Look-ups that found no idle pool connection and had to wait.
+        self.pool_waits = 0
         # Negative control for the fault harness ONLY: answer before the
         # commit, which can lose acknowledged debits on a crash. The harness
         # must show that its checker catches exactly that. Never in service.
@@ -248,10 +250,19 @@ class Processor:
                 self._answer_now(target, request_id, key[1], result or ResultCode.BUSY_RETRY)
         self.flush()
 
+    def _pool(self) -> asyncpg.Pool:
+        """The look-up pool, counting the uses that find no idle connection
+        (they wait for one to be opened or released)."""
+        pool = self.pool
+        assert pool is not None
+        if pool.get_idle_size() == 0:
+            self.pool_waits += 1
+        return pool
+
     async def _read_record(self, terminal_id: int, terminal_seq: int) -> Decision | None:
         if self.pool is None:
             return None
-        row = await self.pool.fetchrow(_LOOKUP_SQL, terminal_id, terminal_seq)
+        row = await self._pool().fetchrow(_LOOKUP_SQL, terminal_id, terminal_seq)
         if row is None:
             return None
         decision = Decision(
@@ -275,13 +286,13 @@ class Processor:
     async def _read_original(self, terminal_id: int, original_seq: int) -> tuple[Original | None, bool]:
         if self.pool is None:
             return None, False
-        row = await self.pool.fetchrow(_LOOKUP_SQL, terminal_id, original_seq)
+        row = await self._pool().fetchrow(_LOOKUP_SQL, terminal_id, original_seq)
         if row is None or row["result"] != ResultCode.APPROVED or row["account_id"] is None:
             return None, False
         original = Original(
             row["kind"], row["card_uid"], row["amount_cents"], row["account_id"], row["recorded_ms"], row["service_id"]
         )
-        reversed_ = await self.pool.fetchval(_REVERSED_SQL, terminal_id, original_seq)
+        reversed_ = await self._pool().fetchval(_REVERSED_SQL, terminal_id, original_seq)
         return original, bool(reversed_)
 
     # --- answers ---------------------------------------------------------------

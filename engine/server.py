@@ -144,8 +144,12 @@ class Engine:
                 raise EngineStartError(f"unsafe_answer_before_commit needs {UNSAFE_ENV}=1: it can lose debits")
             log.critical("UNSAFE: answering before commit; acknowledged debits can be lost")
             processor.unsafe_answer_before_commit = True
-        processor.on_result = self.metrics.count_decision
-        processor.on_immediate = self.metrics.count_immediate
+        # With metrics off (no port), nothing is counted per request either:
+        # the benchmark compares the two to show what counting costs.
+        counting = config.metrics_port is not None
+        if counting:
+            processor.on_result = self.metrics.count_decision
+            processor.on_immediate = self.metrics.count_immediate
         self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
         self._writer_task.add_done_callback(self._writer_ended)
         limits = SessionLimits(handshake_deadline_s=config.handshake_deadline_s, idle_timeout_s=config.idle_timeout_s)
@@ -154,7 +158,7 @@ class Engine:
             processor=processor,
             master_key=master_key,
             limits=limits,
-            observe_latency=self.metrics.request_latency.observe,
+            observe_latency=self.metrics.request_latency.observe if counting else None,
         )
         self._start_health()
         self._register_gauges()
@@ -209,13 +213,16 @@ class Engine:
         context = self.context
         state = self.state
         health = self.health
+        processor = self.processor
         assert writer is not None and context is not None and state is not None and health is not None
+        assert processor is not None
         sources = EngineSources(
             writer=writer,
             sessions=context.counters,
             state=state,
             health=health,
             pool=lambda: self._pool,
+            pool_waits=lambda: processor.pool_waits,
             writer_queue_capacity=max(self.config.writer_queue_max, self.config.batch_taps_max),
         )
         self.metrics.attach(sources, self._services)

@@ -160,3 +160,24 @@ async def test_one_engine_per_database(city_dsn: str, tmp_path: Path) -> None:
     # Once the first engine is gone, the lock is free again.
     async with start_engine(city_dsn, tmp_path) as engine:
         assert engine.engine is not None and engine.engine.writer is not None
+
+
+async def test_retries_after_restart_read_the_record_and_count_pool_waits(
+    city_dsn: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    """After a restart, retries of old sequences are answered from the record
+    (the slow path), many at once through a small pool: the waits are counted."""
+    card = await add_card(conn, balance=100_000)
+    base, when = fresh_seq(), now_ms()
+    retries = 40
+    async with start_engine(city_dsn, tmp_path) as engine:
+        client = await engine.client()
+        first = await asyncio.gather(*(client.tap(base + i, card.uid, event_time_ms=when) for i in range(retries)))
+    async with start_engine(city_dsn, tmp_path) as engine:
+        client = await engine.client()
+        again = await asyncio.gather(*(client.tap(base + i, card.uid, event_time_ms=when) for i in range(retries)))
+        assert engine.engine is not None and engine.engine.processor is not None
+        waits = engine.engine.processor.pool_waits
+    assert again == first
+    assert await balance_of(conn, card.account_id) == 100_000 - retries * BUS_FARE
+    assert waits > 0
