@@ -48,6 +48,7 @@ EVENT_TIME_MAX_MS = 4_102_444_800_000
 _TAP = OperationKind.TAP
 _TOPUP = OperationKind.TOPUP
 _REVERSAL = OperationKind.REVERSAL
+_CARD_NOT_ACTIVE = ResultCode.CARD_NOT_ACTIVE
 
 _LOOKUP_SQL = (
     "SELECT kind, card_uid, card_counter, tap_flags, requested_cents, original_seq,"
@@ -82,6 +83,9 @@ class Processor:
         self.on_result: ResultCounter | None = None
         self.on_immediate: Callable[[int], None] | None = None
         self.reversal_window_ms = REVERSAL_WINDOW_S * 1000
+        # How card uids appear in logs (engine.logs.CardPseudonyms); the
+        # server sets it from the master key.
+        self.card_ref: Callable[[int], str] = lambda uid: "card:?"
         # Look-ups that found no idle pool connection and had to wait.
         self.pool_waits = 0
         # Negative control for the fault harness ONLY: answer before the
@@ -364,6 +368,13 @@ class Processor:
                 self._remember(d)
                 if on_result is not None:
                     on_result(d)
+                if d.result == _CARD_NOT_ACTIVE:
+                    # A blocked, lost or stolen card presented: worth a line
+                    # for the card office, under a pseudonym.
+                    log.warning(
+                        "inactive card presented",
+                        extra={"card": self.card_ref(d.card_uid), "terminal_id": d.terminal_id},
+                    )
                 for target, request_id in d.waiters:
                     target.deliver_result(request_id, d.terminal_seq, d.result, d.amount, d.balance)
                     dirty.add(target)

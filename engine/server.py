@@ -22,6 +22,7 @@ import msgspec
 from engine.db import create_pool
 from engine.health import DatabaseProbe, EngineHealth
 from engine.keys import load_master_key
+from engine.logs import CardPseudonyms
 from engine.limits import BATCH_TAPS_MAX, DB_COMMAND_TIMEOUT_S, HANDSHAKE_DEADLINE_S, IDLE_TIMEOUT_S, WRITER_QUEUE_MAX
 from engine.loop_lag import LoopLagMonitor
 from engine.metrics import EngineMetrics, EngineSources
@@ -127,6 +128,7 @@ class Engine:
         self.state = state
         _settle_garbage_collector()
         processor = self.processor = Processor(state, self._pool)
+        processor.card_ref = CardPseudonyms(master_key)
         writer = self.writer = BatchWriter(
             config.dsn,
             state,
