@@ -22,8 +22,8 @@ import msgspec
 from engine.db import create_pool
 from engine.health import DatabaseProbe, EngineHealth
 from engine.keys import load_master_key
-from engine.logs import CardPseudonyms
 from engine.limits import BATCH_TAPS_MAX, DB_COMMAND_TIMEOUT_S, HANDSHAKE_DEADLINE_S, IDLE_TIMEOUT_S, WRITER_QUEUE_MAX
+from engine.logs import CardPseudonyms
 from engine.loop_lag import LoopLagMonitor
 from engine.metrics import EngineMetrics, EngineSources
 from engine.migrate import migrate
