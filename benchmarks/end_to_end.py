@@ -510,6 +510,89 @@ async def open_loop(
     }
 
 
+# The burst scenario: a quiet city, then a step to rush-hour-times-ten, then
+# quiet again (issue: "from 50 to 20,000 taps a second in one step and back").
+BURST_LOW_RATE = 50.0
+BURST_HIGH_RATE = 20_000.0
+BURST_LOW_SECONDS = 3.0
+
+
+def burst_schedule(high_seconds: float) -> list[tuple[float, float]]:
+    """(rate, seconds) segments: low, high, low."""
+    return [
+        (BURST_LOW_RATE, BURST_LOW_SECONDS),
+        (BURST_HIGH_RATE, high_seconds),
+        (BURST_LOW_RATE, BURST_LOW_SECONDS),
+    ]
+
+
+def scheduled_times_ns(start_ns: int, schedule: Sequence[tuple[float, float]]) -> list[int]:
+    """Send times of every tap of a piecewise-constant rate schedule.
+
+    >>> scheduled_times_ns(0, [(2.0, 1.0), (4.0, 0.5)])
+    [0, 500000000, 1000000000, 1250000000]
+    """
+    times: list[int] = []
+    segment_start = start_ns
+    for rate, seconds in schedule:
+        interval_ns = 1e9 / rate
+        count = int(rate * seconds)
+        times.extend(segment_start + int(i * interval_ns) for i in range(count))
+        segment_start += int(seconds * 1e9)
+    return times
+
+
+async def burst_loop(
+    engine: EngineProcess,
+    pgdata: Path | None,
+    terminals: Sequence[Terminal],
+    seqs: dict[int, int],
+    cards: CardCycle,
+    *,
+    high_seconds: float,
+) -> dict[str, object]:
+    """Open loop over the burst schedule; every tap's latency counts, from its
+    scheduled time, and every error or lost connection is reported."""
+    schedule = burst_schedule(high_seconds)
+    phase = Phase(closed_loop=False)
+    connections = await open_sessions(engine.host, engine.port, terminals, seqs, cards, phase)
+    resources = Resources(engine, pgdata)
+    start = time.perf_counter_ns() + 10_000_000
+    times = scheduled_times_ns(start, schedule)
+    seconds = sum(segment_seconds for _, segment_seconds in schedule)
+    end = start + int(seconds * 1e9)
+    phase.record_from_ns = phase.rate_from_ns = start
+    phase.record_until_ns = 1 << 62
+    phase.rate_until_ns = end
+    before = resources.sample()
+    count = len(connections)
+    due = 0
+    total = len(times)
+    while due < total:
+        now = time.perf_counter_ns()
+        touched: set[LoadConnection] = set()
+        while due < total and times[due] <= now:
+            connection = connections[due % count]
+            connection.backlog.append(times[due])
+            touched.add(connection)
+            due += 1
+        for connection in touched:
+            connection.pump(now)
+        if due < total:
+            wait_ns = times[due] - time.perf_counter_ns()
+            await asyncio.sleep(max(wait_ns / 1e9, OPEN_LOOP_TICK_S))
+    await asyncio.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9))
+    after = resources.sample()
+    await close_sessions(connections, seqs, phase)
+    report = summarize(phase, seconds, usage(before, after))
+    return {
+        "schedule": [{"rate": rate, "seconds": segment_seconds} for rate, segment_seconds in schedule],
+        "scheduled": total,
+        "achieved_rate": report.pop("taps_per_s"),
+        **report,
+    }
+
+
 def _rate(report: dict[str, object] | None) -> float:
     assert report is not None
     return float(report["taps_per_s"])  # type: ignore[arg-type]
@@ -624,6 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive phase")
     parser.add_argument(
+        "--burst",
+        action="store_true",
+        help=f"also run a burst: {BURST_LOW_RATE:.0f} taps/s, {BURST_HIGH_RATE:.0f}/s for --seconds, then back",
+    )
+    parser.add_argument(
         "--metrics-cost",
         action="store_true",
         help="also run the closed loop with metrics off, to show what counting costs",
@@ -676,6 +764,7 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         base_seq = time.time_ns() // 1000
         seqs = {terminal.id: base_seq for terminal in city.terminals}
         open_report: dict[str, object] | None = None
+        burst_report: dict[str, object] | None = None
         with serve_engine(database.dsn, data_dir, log_dir=log_dir, name="batched") as engine:
             # The open loop first: measured after the closed loop, it would
             # also measure PostgreSQL writing back the hundreds of thousands
@@ -692,6 +781,10 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
                         rate=args.rate,
                         warmup_s=args.warmup,
                     )
+                )
+            if args.burst:
+                burst_report = uvloop.run(
+                    burst_loop(engine, pgdata, city.terminals, seqs, cards, high_seconds=args.seconds)
                 )
             batched = uvloop.run(
                 closed_loop(
@@ -779,6 +872,7 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         "errors": batched["errors"]
         + (naive["errors"] if naive is not None else 0)  # type: ignore[operator]
         + (open_report["errors"] if open_report is not None else 0)
+        + (burst_report["errors"] if burst_report is not None else 0)
         + (metrics_off["errors"] if metrics_off is not None else 0)
         + (metrics_on_again["errors"] if metrics_on_again is not None else 0),
         "seconds": args.seconds,
@@ -792,6 +886,8 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
     }
     if open_report is not None:
         report["open_loop"] = open_report
+    if burst_report is not None:
+        report["burst"] = burst_report
     report["versions"] = describe_versions(city.postgres_version)
     report["settings"] = {
         "seconds": args.seconds,
