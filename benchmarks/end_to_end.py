@@ -447,6 +447,45 @@ async def closed_loop(
     return summarize(phase, seconds, usage(before, after))
 
 
+async def send_on_schedule(
+    connections: Sequence[LoadConnection],
+    times: Sequence[int],
+    resources: Resources,
+    measured_from: int,
+    end: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Send one tap at each scheduled time (round robin over the sessions),
+    whatever the replies do; sample the resources over [measured_from, end).
+
+    Returns the (before, after) resource samples.
+    """
+    before = resources.sample() if times and times[0] >= measured_from else None
+    count = len(connections)
+    due = 0
+    total = len(times)
+    while due < total:
+        now = time.perf_counter_ns()
+        if before is None and now >= measured_from:
+            before = resources.sample()
+        touched: set[LoadConnection] = set()
+        while due < total and times[due] <= now:
+            connection = connections[due % count]
+            connection.backlog.append(times[due])
+            touched.add(connection)
+            due += 1
+        for connection in touched:
+            connection.pump(now)
+        if due < total:
+            # At least one tick: shorter sleeps round to zero and the loop
+            # would spin, taking CPU from the engine and the database.
+            wait_ns = times[due] - time.perf_counter_ns()
+            await asyncio.sleep(max(wait_ns / 1e9, OPEN_LOOP_TICK_S))
+    await asyncio.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9))
+    if before is None:  # the schedule ended before the window began (a tiny rate)
+        before = resources.sample()
+    return before, resources.sample()
+
+
 async def open_loop(
     engine: EngineProcess,
     pgdata: Path | None,
@@ -461,40 +500,17 @@ async def open_loop(
     phase = Phase(closed_loop=False)
     connections = await open_sessions(engine.host, engine.port, terminals, seqs, cards, phase)
     resources = Resources(engine, pgdata)
-    interval_ns = 1e9 / rate
     # The same rate during the warm-up, unmeasured: the first second of a
     # fresh engine (cold caches, new sessions) is not its steady state.
-    total = int(rate * (seconds + warmup_s))
     start = time.perf_counter_ns() + 10_000_000
+    times = scheduled_times_ns(start, [(rate, seconds + warmup_s)])
+    total = len(times)
     measured_from = start + int(warmup_s * 1e9)
     end = measured_from + int(seconds * 1e9)
     phase.record_from_ns = phase.rate_from_ns = measured_from
     phase.record_until_ns = 1 << 62  # every scheduled tap's reply counts, however late
     phase.rate_until_ns = end
-    before = resources.sample() if warmup_s <= 0 else None
-    count = len(connections)
-    due = 0
-    while due < total:
-        now = time.perf_counter_ns()
-        if before is None and now >= measured_from:
-            before = resources.sample()
-        touched: set[LoadConnection] = set()
-        while due < total and start + int(due * interval_ns) <= now:
-            connection = connections[due % count]
-            connection.backlog.append(start + int(due * interval_ns))
-            touched.add(connection)
-            due += 1
-        for connection in touched:
-            connection.pump(now)
-        if due < total:
-            # At least one tick: shorter sleeps round to zero and the loop
-            # would spin, taking CPU from the engine and the database.
-            wait_ns = start + int(due * interval_ns) - time.perf_counter_ns()
-            await asyncio.sleep(max(wait_ns / 1e9, OPEN_LOOP_TICK_S))
-    await asyncio.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9))
-    if before is None:  # the schedule ended before the window began (a tiny rate)
-        before = resources.sample()
-    after = resources.sample()
+    before, after = await send_on_schedule(connections, times, resources, measured_from, end)
     await close_sessions(connections, seqs, phase)
     report = summarize(phase, seconds, usage(before, after))
     histogram = new_latency_histogram()
@@ -564,30 +580,12 @@ async def burst_loop(
     phase.record_from_ns = phase.rate_from_ns = start
     phase.record_until_ns = 1 << 62
     phase.rate_until_ns = end
-    before = resources.sample()
-    count = len(connections)
-    due = 0
-    total = len(times)
-    while due < total:
-        now = time.perf_counter_ns()
-        touched: set[LoadConnection] = set()
-        while due < total and times[due] <= now:
-            connection = connections[due % count]
-            connection.backlog.append(times[due])
-            touched.add(connection)
-            due += 1
-        for connection in touched:
-            connection.pump(now)
-        if due < total:
-            wait_ns = times[due] - time.perf_counter_ns()
-            await asyncio.sleep(max(wait_ns / 1e9, OPEN_LOOP_TICK_S))
-    await asyncio.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9))
-    after = resources.sample()
+    before, after = await send_on_schedule(connections, times, resources, start, end)
     await close_sessions(connections, seqs, phase)
     report = summarize(phase, seconds, usage(before, after))
     return {
         "schedule": [{"rate": rate, "seconds": segment_seconds} for rate, segment_seconds in schedule],
-        "scheduled": total,
+        "scheduled": len(times),
         "achieved_rate": report.pop("taps_per_s"),
         **report,
     }

@@ -36,10 +36,11 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
+import asyncpg
 import pytest
 
 from engine.db import connect, describe_dsn, ensure_database, quote_identifier, run_sync, with_database
@@ -150,6 +151,30 @@ def seeded_dsn(pg_admin_dsn: str, request: pytest.FixtureRequest) -> Iterator[st
         yield dsn
     finally:
         run_sync(_drop(pg_admin_dsn, name))
+
+
+@pytest.fixture(scope="module")
+def city_dsn(db_dsn: str) -> str:
+    """The module's database holding the tiny hand-made city of tests/city.py."""
+    from tests.city import create_city
+
+    async def build() -> None:
+        conn = await connect(db_dsn)
+        try:
+            await create_city(conn)
+        finally:
+            await conn.close()
+
+    run_sync(build())
+    return db_dsn
+
+
+@pytest.fixture
+async def conn(city_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the tiny city's database, for the test's own cards and checks."""
+    connection = await asyncpg.connect(city_dsn)
+    yield connection
+    await connection.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import importlib
 import itertools
-import os
 import pickle
 import struct
 from collections.abc import Callable
@@ -30,30 +29,7 @@ from hypothesis import strategies as st
 
 from engine import limits
 from engine.codes import ErrorCode, MessageType, ResultCode
-
-TWIN_MODULES = {"cython": "engine._fastpath", "pure": "engine._fastpath_py"}
-
-
-def _extensions_disabled() -> bool:
-    # The same rule as engine.fastpath: "" and "0" mean "not set".
-    return os.environ.get("CITYCARD_NO_EXTENSIONS", "") not in ("", "0")
-
-
-def load_twin(name: str) -> ModuleType:
-    """Import one twin; a missing compiled twin fails unless disabled."""
-    try:
-        return importlib.import_module(TWIN_MODULES[name])
-    except ImportError as exc:
-        if name == "cython" and _extensions_disabled():
-            pytest.skip(
-                "CITYCARD_NO_EXTENSIONS is set and engine._fastpath is not"
-                " built: testing the pure twin only"
-            )
-        pytest.fail(
-            f"cannot import {TWIN_MODULES[name]} ({exc}); build it with"
-            " `.venv/bin/cythonize -i -3 engine/_fastpath.pyx`, or set"
-            " CITYCARD_NO_EXTENSIONS=1 to test the pure twin only"
-        )
+from tests.twins import load_twin
 
 
 # Module scope: a twin is a stateless module, and hypothesis needs fixtures

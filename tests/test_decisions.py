@@ -26,29 +26,8 @@ from tests.city import (
     add_card,
     balance_of,
     check_books,
-    create_city,
     running_engine,
 )
-
-
-@pytest.fixture(scope="module")
-def city_dsn(db_dsn: str) -> str:
-    async def build() -> None:
-        conn = await asyncpg.connect(db_dsn)
-        try:
-            await create_city(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(build())
-    return db_dsn
-
-
-@pytest.fixture
-async def conn(city_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(city_dsn)
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

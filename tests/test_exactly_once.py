@@ -4,35 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from engine.codes import ResultCode
-from tests.city import BUS_FARE, BUS_VALIDATOR, KIOSK, EngineUnderTest, add_card, balance_of, check_books, create_city
+from tests.city import BUS_FARE, BUS_VALIDATOR, KIOSK, EngineUnderTest, add_card, balance_of, check_books
 from tests.city import running_engine as start_engine
-
-
-@pytest.fixture(scope="module")
-def city_dsn(db_dsn: str) -> str:
-    async def build() -> None:
-        conn = await asyncpg.connect(db_dsn)
-        try:
-            await create_city(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(build())
-    return db_dsn
-
-
-@pytest.fixture
-async def conn(city_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(city_dsn)
-    yield connection
-    await connection.close()
 
 
 def fresh_seq() -> int:

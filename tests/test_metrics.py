@@ -24,33 +24,13 @@ from engine.db import create_pool
 from engine.health import DatabaseProbe
 from engine.loop_lag import LoopLagMonitor
 from engine.metrics import LATENCY_BUCKETS_S, EngineMetrics
-from tests.city import BUS_VALIDATOR, KIOSK, EngineUnderTest, add_card, create_city, running_engine
+from tests.city import BUS_VALIDATOR, KIOSK, EngineUnderTest, add_card, running_engine
 from tests.metrics_helpers import http_get, sample_names, samples, scrape, value
 
 PROMTOOL = shutil.which("promtool")
 NEEDS_PROMTOOL = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool is not installed (Debian package 'prometheus'; scripts/install-prometheus.sh)"
 )
-
-
-@pytest.fixture(scope="module")
-def city_dsn(db_dsn: str) -> str:
-    async def build() -> None:
-        conn = await asyncpg.connect(db_dsn)
-        try:
-            await create_city(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(build())
-    return db_dsn
-
-
-@pytest.fixture
-async def conn(city_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(city_dsn)
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 
 from engine.client import TerminalClient
-from tests.city import BUS_VALIDATOR, KIOSK, LIBRARY_GATE, STUDENT, Card, EngineUnderTest, add_card, create_city
+from tests.city import BUS_VALIDATOR, KIOSK, LIBRARY_GATE, STUDENT, Card, EngineUnderTest, add_card
 from tests.city import running_engine as engine_running
 from tests.metrics_helpers import (
     ALERTS,
@@ -63,19 +63,6 @@ RATE_INTERVAL = "10s"
 # load long enough for every rate() window to hold several samples.
 SCRAPE_INTERVAL_S = 1
 SCRAPES_UNDER_LOAD = 8
-
-
-@pytest.fixture(scope="module")
-def city_dsn(db_dsn: str) -> str:
-    async def build() -> None:
-        conn = await asyncpg.connect(db_dsn)
-        try:
-            await create_city(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(build())
-    return db_dsn
 
 
 @contextlib.asynccontextmanager
