@@ -71,6 +71,7 @@ DEV = [
     "tox>=4",
     "locust>=2.20",
     "hdrhistogram>=0.10",
+    "matplotlib>=3.8",
     "atheris>=2.3",
 ]
 

@@ -85,6 +85,7 @@ from benchmarks.common import (
     record_latencies_us,
     serve_engine,
 )
+from benchmarks.plot import RESULTS_DIR, write_latency_curve
 from engine import fastpath
 from engine.codes import ErrorCode, MessageType, ResultCode, TerminalKind
 from engine.db import connect, resolve_database
@@ -526,6 +527,11 @@ async def open_loop(
     }
 
 
+# Open-loop rates of the latency-versus-throughput curve (--plot): from a
+# quiet city to well past Gijón's peak, up to where queueing shows.
+PLOT_RATES = [500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0]
+CURVE_KEYS = ("offered_rate", "achieved_rate", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "errors")
+
 # The burst scenario: a quiet city, then a step to rush-hour-times-ten, then
 # quiet again (issue: "from 50 to 20,000 taps a second in one step and back").
 BURST_LOW_RATE = 50.0
@@ -533,12 +539,14 @@ BURST_HIGH_RATE = 20_000.0
 BURST_LOW_SECONDS = 3.0
 
 
-def burst_schedule(high_seconds: float) -> list[tuple[float, float]]:
+def burst_schedule(
+    high_seconds: float, low_rate: float = BURST_LOW_RATE, high_rate: float = BURST_HIGH_RATE
+) -> list[tuple[float, float]]:
     """(rate, seconds) segments: low, high, low."""
     return [
-        (BURST_LOW_RATE, BURST_LOW_SECONDS),
-        (BURST_HIGH_RATE, high_seconds),
-        (BURST_LOW_RATE, BURST_LOW_SECONDS),
+        (low_rate, BURST_LOW_SECONDS),
+        (high_rate, high_seconds),
+        (low_rate, BURST_LOW_SECONDS),
     ]
 
 
@@ -566,10 +574,12 @@ async def burst_loop(
     cards: CardCycle,
     *,
     high_seconds: float,
+    low_rate: float = BURST_LOW_RATE,
+    high_rate: float = BURST_HIGH_RATE,
 ) -> dict[str, object]:
     """Open loop over the burst schedule; every tap's latency counts, from its
     scheduled time, and every error or lost connection is reported."""
-    schedule = burst_schedule(high_seconds)
+    schedule = burst_schedule(high_seconds, low_rate, high_rate)
     phase = Phase(closed_loop=False)
     connections = await open_sessions(engine.host, engine.port, terminals, seqs, cards, phase)
     resources = Resources(engine, pgdata)
@@ -705,9 +715,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive phase")
     parser.add_argument(
+        "--plot",
+        type=Path,
+        nargs="?",
+        const=RESULTS_DIR / "latency_vs_throughput.png",
+        default=None,
+        help="also run the open loop at --plot-rates and write a latency-versus-throughput PNG"
+        " (default path benchmarks/results/latency_vs_throughput.png)",
+    )
+    parser.add_argument(
+        "--plot-rates",
+        type=lambda text: [float(rate) for rate in text.split(",")],
+        default=PLOT_RATES,
+        help="comma-separated open-loop rates for --plot",
+    )
+    parser.add_argument(
         "--burst",
         action="store_true",
         help=f"also run a burst: {BURST_LOW_RATE:.0f} taps/s, {BURST_HIGH_RATE:.0f}/s for --seconds, then back",
+    )
+    parser.add_argument(
+        "--burst-rates",
+        type=lambda text: [float(rate) for rate in text.split(",")][:2],
+        default=[BURST_LOW_RATE, BURST_HIGH_RATE],
+        metavar="LOW,HIGH",
+        help="the burst's quiet and peak rates",
     )
     parser.add_argument(
         "--metrics-cost",
@@ -763,6 +795,7 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         seqs = {terminal.id: base_seq for terminal in city.terminals}
         open_report: dict[str, object] | None = None
         burst_report: dict[str, object] | None = None
+        curve: list[dict[str, object]] = []
         with serve_engine(database.dsn, data_dir, log_dir=log_dir, name="batched") as engine:
             # The open loop first: measured after the closed loop, it would
             # also measure PostgreSQL writing back the hundreds of thousands
@@ -780,9 +813,33 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
                         warmup_s=args.warmup,
                     )
                 )
+            if args.plot is not None:
+                for curve_rate in args.plot_rates:
+                    point = uvloop.run(
+                        open_loop(
+                            engine,
+                            pgdata,
+                            city.terminals,
+                            seqs,
+                            cards,
+                            seconds=args.seconds,
+                            rate=curve_rate,
+                            warmup_s=args.warmup,
+                        )
+                    )
+                    curve.append({key: point[key] for key in CURVE_KEYS})
             if args.burst:
                 burst_report = uvloop.run(
-                    burst_loop(engine, pgdata, city.terminals, seqs, cards, high_seconds=args.seconds)
+                    burst_loop(
+                        engine,
+                        pgdata,
+                        city.terminals,
+                        seqs,
+                        cards,
+                        high_seconds=args.seconds,
+                        low_rate=args.burst_rates[0],
+                        high_rate=args.burst_rates[1],
+                    )
                 )
             batched = uvloop.run(
                 closed_loop(
@@ -886,6 +943,10 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         report["open_loop"] = open_report
     if burst_report is not None:
         report["burst"] = burst_report
+    if args.plot is not None:
+        report["latency_curve"] = curve
+        title = f"citycard open loop, {city.cards_in_city:,} cards, {args.connections} sessions"
+        report["plot"] = str(write_latency_curve(curve, args.plot, title=title))
     report["versions"] = describe_versions(city.postgres_version)
     report["settings"] = {
         "seconds": args.seconds,

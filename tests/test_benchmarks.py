@@ -43,7 +43,24 @@ COMMAND = [
 def test_end_to_end_benchmark_reports_sane_figures(fresh_db: Callable[..., str], tmp_path: Path) -> None:
     dsn = fresh_db(migrated=False)
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.end_to_end", *COMMAND, "--dsn", dsn, "--data-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.end_to_end",
+            *COMMAND,
+            "--dsn",
+            dsn,
+            "--data-dir",
+            str(tmp_path),
+            "--plot",
+            str(tmp_path / "curve.png"),
+            "--plot-rates",
+            "100,300",
+            "--burst-rates",
+            "20,400",
+            "--burst",
+            "--metrics-cost",
+        ],
         cwd=REPOSITORY_ROOT,
         capture_output=True,
         text=True,
@@ -89,6 +106,14 @@ def test_end_to_end_benchmark_reports_sane_figures(fresh_db: Callable[..., str],
     assert open_loop["achieved_rate"] > 0
     assert 0 < open_loop["p50_ms"] <= open_loop["p99_ms"]
     assert open_loop["errors"] == 0, open_loop
+
+    # The latency curve and its plot, the burst, metrics on versus off.
+    assert [point["offered_rate"] for point in report["latency_curve"]] == [100, 300]
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    burst = report["burst"]
+    assert [segment["rate"] for segment in burst["schedule"]] == [20, 400, 20]
+    assert burst["errors"] == 0 and burst["error_detail"]["connections_lost"] == 0, burst
+    assert report["metrics_off_taps_per_s"] > 0 and report["metrics_cost_percent"] is not None
 
     assert report["machine"]["cpu_count"] >= 1
     assert report["versions"]["fastpath"] in ("cython", "pure")
