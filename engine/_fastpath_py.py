@@ -48,6 +48,7 @@ __all__ = [
     "ERR_INTERNAL",
     "ERR_NOT_AUTHENTICATED",
     "ERR_SHUTTING_DOWN",
+    "ERR_TOO_MANY_CONNECTIONS",
     "ERR_TOO_MANY_IN_FLIGHT",
     "ERR_UNEXPECTED_MESSAGE",
     "ERR_UNKNOWN_TYPE",
@@ -197,6 +198,7 @@ ERR_TOO_MANY_IN_FLIGHT = 12
 ERR_SHUTTING_DOWN = 13
 ERR_INTERNAL = 14
 ERR_BAD_FIELD = 15
+ERR_TOO_MANY_CONNECTIONS = 16
 
 # Field layouts, big-endian, from the per-type tables of docs/protocol.md.
 _LENGTH = struct.Struct(">I")

@@ -80,6 +80,7 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 13  # the engine is stopping; reconnect later
     INTERNAL = 14  # a bug in the engine; the incident is logged
     BAD_FIELD = 15  # a field holds a value the protocol forbids
+    TOO_MANY_CONNECTIONS = 16  # the engine is at its connection limit; reconnect later
 
 
 class CardStatus(enum.IntEnum):

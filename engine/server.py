@@ -20,9 +20,17 @@ import asyncpg
 import msgspec
 
 from engine.db import create_pool
+from engine.fd_limit import ensure_descriptors
 from engine.health import DatabaseProbe, EngineHealth
 from engine.keys import load_master_key
-from engine.limits import BATCH_TAPS_MAX, DB_COMMAND_TIMEOUT_S, HANDSHAKE_DEADLINE_S, IDLE_TIMEOUT_S, WRITER_QUEUE_MAX
+from engine.limits import (
+    BATCH_TAPS_MAX,
+    DB_COMMAND_TIMEOUT_S,
+    HANDSHAKE_DEADLINE_S,
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    WRITER_QUEUE_MAX,
+)
 from engine.logs import CardPseudonyms
 from engine.loop_lag import LoopLagMonitor
 from engine.metrics import EngineMetrics, EngineSources
@@ -52,6 +60,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_port: int | None = None
     batch_taps_max: int = BATCH_TAPS_MAX
     writer_queue_max: int = WRITER_QUEUE_MAX
+    max_connections: int = MAX_CONNECTIONS
     handshake_deadline_s: float = HANDSHAKE_DEADLINE_S
     idle_timeout_s: float = IDLE_TIMEOUT_S
     migrate: bool = True
@@ -154,7 +163,11 @@ class Engine:
             processor.on_immediate = self.metrics.count_immediate
         self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
         self._writer_task.add_done_callback(self._writer_ended)
-        limits = SessionLimits(handshake_deadline_s=config.handshake_deadline_s, idle_timeout_s=config.idle_timeout_s)
+        limits = SessionLimits(
+            handshake_deadline_s=config.handshake_deadline_s,
+            idle_timeout_s=config.idle_timeout_s,
+            max_connections=ensure_descriptors(config.max_connections),
+        )
         context = self.context = SessionContext(
             state=state,
             processor=processor,

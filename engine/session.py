@@ -119,7 +119,7 @@ class TerminalSession(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if not context.accepting or len(context.sessions) >= context.limits.max_connections:
             context.counters.connections_rejected += 1
-            code = ErrorCode.SHUTTING_DOWN if not context.accepting else ErrorCode.INTERNAL
+            code = ErrorCode.SHUTTING_DOWN if not context.accepting else ErrorCode.TOO_MANY_CONNECTIONS
             text = "engine is stopping" if not context.accepting else "too many connections"
             transport.write(fastpath.encode_error(0, code, text))
             transport.close()

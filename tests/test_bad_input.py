@@ -264,3 +264,15 @@ async def test_protocol_errors_are_counted(engine: EngineUnderTest) -> None:
     counted = engine.engine.context.counters.protocol_errors
     assert counted[ErrorCode.FRAME_TOO_LARGE] == 1
     assert counted[ErrorCode.UNKNOWN_TYPE] == 1
+
+
+async def test_connections_beyond_the_limit_are_refused(city_dsn: str, tmp_path: Path, card: Card) -> None:
+    async with running_engine(city_dsn, tmp_path, max_connections=3) as engine:
+        clients = [await engine.client() for _ in range(3)]
+        frames = await exchange(engine.port, hello())
+        assert error_of(frames) == ErrorCode.TOO_MANY_CONNECTIONS
+        assert engine.engine is not None and engine.engine.context is not None
+        assert engine.engine.context.counters.connections_rejected == 1
+        # The three sessions in place are served as before.
+        result = await clients[0].tap(time.time_ns() // 1000, card.uid)
+        assert result.result == ResultCode.APPROVED
