@@ -40,9 +40,10 @@ from engine.limits import BALANCE_MAX_CENTS
 
 DEFAULT_SEED = 2026
 
-# Gijón has ~340,000 holders; tests use a few hundred. The upper bound keeps a
-# typo from trying to build a city of a billion cards.
-CARDS_MAX = 5_000_000
+# Gijón has ~340,000 holders; tests use a few hundred; the capacity benchmark
+# loads 10,000,000 (a region). The upper bound keeps a typo from trying to
+# build a city of a billion cards.
+CARDS_MAX = 20_000_000
 
 FUNDING_ACCOUNT_ID = 1
 FUNDING_ACCOUNT_NAME = "cash and opening balances"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from engine.codes import CardStatus, TerminalKind
+from engine.codes import TerminalKind
 
 # A fare of -1 in the tariff table means "this profile is not served here".
 NO_FARE = -1
@@ -182,6 +182,3 @@ def now_ms() -> int:
     """Engine wall clock in Unix milliseconds (record time)."""
     return time.time_ns() // 1_000_000
 
-
-# Card statuses a tap can pass: only ACTIVE.
-ACTIVE = CardStatus.ACTIVE
