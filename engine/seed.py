@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from engine.codes import CardStatus, TerminalKind
-from engine.limits import BALANCE_MAX_CENTS
+from engine.limits import BALANCE_MAX_CENTS, DB_COMMAND_TIMEOUT_S
 
 DEFAULT_SEED = 2026
 
@@ -406,7 +406,9 @@ async def _write(conn: asyncpg.Connection, city: _City) -> None:
     # The funding balance is written once the entries are in (below), so the
     # account row never shows a state the ledger does not explain.
     await conn.copy_records_to_table("accounts", records=system_accounts, columns=_ACCOUNT_COLUMNS)
-    await conn.copy_records_to_table("accounts", records=city.accounts, columns=_ACCOUNT_COLUMNS)
+    await conn.copy_records_to_table(
+        "accounts", records=city.accounts, columns=_ACCOUNT_COLUMNS, timeout=_bulk_timeout(len(city.accounts))
+    )
     await conn.executemany(
         "INSERT INTO services (id, code, name, revenue_account_id) VALUES ($1, $2, $3, $4)",
         [(service.id, service.code, service.name, REVENUE_ACCOUNT_BASE + service.id) for service in SERVICES],
@@ -424,8 +426,18 @@ async def _write(conn: asyncpg.Connection, city: _City) -> None:
     await conn.copy_records_to_table(
         "terminals", records=city.terminals, columns=("id", "service_id", "kind", "name", "funding_account_id")
     )
-    await conn.copy_records_to_table("holders", records=city.holders, columns=("id", "profile_id", "birth_date"))
-    await conn.copy_records_to_table("cards", records=city.cards, columns=("uid", "holder_id", "account_id", "status"))
+    await conn.copy_records_to_table(
+        "holders",
+        records=city.holders,
+        columns=("id", "profile_id", "birth_date"),
+        timeout=_bulk_timeout(len(city.holders)),
+    )
+    await conn.copy_records_to_table(
+        "cards",
+        records=city.cards,
+        columns=("uid", "holder_id", "account_id", "status"),
+        timeout=_bulk_timeout(len(city.cards)),
+    )
     if city.entries:
         await conn.execute(
             "INSERT INTO ledger_transfers (id, batch_id, kind, service_id) VALUES ($1, NULL, $2, NULL)",
@@ -434,7 +446,10 @@ async def _write(conn: asyncpg.Connection, city: _City) -> None:
         )
         # One COPY is one statement: the balance trigger sees the whole transfer.
         await conn.copy_records_to_table(
-            "ledger_entries", records=city.entries, columns=("transfer_id", "account_id", "amount_cents")
+            "ledger_entries",
+            records=city.entries,
+            columns=("transfer_id", "account_id", "amount_cents"),
+            timeout=_bulk_timeout(len(city.entries)),
         )
         await conn.execute(
             "UPDATE accounts SET balance_cents = $2 WHERE id = $1",
@@ -444,3 +459,13 @@ async def _write(conn: asyncpg.Connection, city: _City) -> None:
 
 
 _ACCOUNT_COLUMNS = ("id", "kind", "name", "balance_cents", "floor_cents", "ceiling_cents")
+
+# A bulk copy may take longer than an ordinary statement's timeout: allow
+# 50 us a row on top of it (a slow disk copies ~20,000 rows a second; this
+# machine does ~500,000), so 10 million cards still seed on a slow machine.
+SEED_SECONDS_PER_ROW = 50e-6
+
+
+def _bulk_timeout(rows: int) -> float:
+    """Seconds a COPY of ``rows`` rows may take."""
+    return DB_COMMAND_TIMEOUT_S + rows * SEED_SECONDS_PER_ROW
