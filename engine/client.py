@@ -176,9 +176,16 @@ class TerminalClient:
                 raise self._failure
             request_id = self._next_request_id
             self._next_request_id = (request_id + 1) % REQUEST_ID_MODULUS or 1
+            if self._writer.is_closing():
+                raise ConnectionLost("connection closed")
             future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
             self._waiting[request_id] = future
-            self._writer.write(encode(request_id))  # type: ignore[operator]
+            try:
+                self._writer.write(encode(request_id))  # type: ignore[operator]
+            except (ConnectionError, OSError, RuntimeError) as error:
+                # RuntimeError: uvloop's transport when it was closed under us.
+                self._waiting.pop(request_id, None)
+                raise ConnectionLost(f"connection lost: {error}") from None
             return await future
 
     # --- receiving -------------------------------------------------------------------
