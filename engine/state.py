@@ -28,6 +28,11 @@ from engine.codes import TerminalKind
 # A fare of -1 in the tariff table means "this profile is not served here".
 NO_FARE = -1
 
+# Rows fetched per round trip while loading the city: large enough that the
+# round trips do not matter (500 for 10 million cards), small enough that a
+# batch of records is a few megabytes.
+LOAD_PREFETCH_ROWS = 20_000
+
 # Profiles are small integers (schema: 0 <= id < 64), so a service's fares are
 # a 64-slot row indexed by profile.
 PROFILES_MAX = 64
@@ -145,14 +150,22 @@ async def load_state(conn: asyncpg.Connection) -> CityState:
     """
     state = CityState()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for row in await conn.fetch("SELECT id, balance_cents, floor_cents, ceiling_cents FROM accounts ORDER BY id"):
-            state.add_account(row[0], row[1], row[2], row[3])
-        cards = await conn.fetch(
-            "SELECT c.uid, c.status, h.profile_id, c.account_id"
-            " FROM cards c JOIN holders h ON h.id = c.holder_id ORDER BY c.uid"
+        # Streamed through cursors: holding every row of a 10-million-card
+        # city as asyncpg records at once would cost gigabytes at start.
+        accounts = conn.cursor(
+            "SELECT id, balance_cents, floor_cents, ceiling_cents FROM accounts ORDER BY id",
+            prefetch=LOAD_PREFETCH_ROWS,
         )
-        for uid, status, profile, account_id in cards:
-            state.add_card(uid, status, profile, account_id)
+        async for row in accounts:
+            state.add_account(row[0], row[1], row[2], row[3])
+        # No ORDER BY: card positions need no order, and sorting millions of
+        # rows would only make the start slower.
+        cards = conn.cursor(
+            "SELECT c.uid, c.status, h.profile_id, c.account_id FROM cards c JOIN holders h ON h.id = c.holder_id",
+            prefetch=LOAD_PREFETCH_ROWS,
+        )
+        async for row in cards:
+            state.add_card(row[0], row[1], row[2], row[3])
         for service_id, revenue_account_id in await conn.fetch("SELECT id, revenue_account_id FROM services"):
             state.revenue_account[service_id] = state.account_position[revenue_account_id]
             state.fares.setdefault(service_id, array("q", [NO_FARE] * PROFILES_MAX))
