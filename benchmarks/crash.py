@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -1014,15 +1014,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cycles < 1 or args.terminals < 1 or args.pipeline < 1:
         parser.error("--cycles, --terminals and --pipeline must be at least 1")
+    return run_in_data_dir(args, "crash", run_harness, print_summary)
+
+
+HarnessRun = Callable[[argparse.Namespace, str, Path], Coroutine[object, object, dict[str, object]]]
+
+
+def run_in_data_dir(
+    args: argparse.Namespace,
+    name: str,
+    harness: HarnessRun,
+    summary: Callable[[dict[str, object]], None],
+) -> int:
+    """The main of a fault harness: a data directory (temporary unless
+    ``--data-dir``), the database (embedded unless ``--dsn``), the harness,
+    then the report as JSON or a summary. Exit 0 only if the checker passed."""
     temporary = args.data_dir is None
-    data_dir = Path(tempfile.mkdtemp(prefix="citycard-crash-")) if temporary else args.data_dir
+    data_dir = Path(tempfile.mkdtemp(prefix=f"citycard-{name}-")) if temporary else args.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()
     try:
         with resolve_database(args.dsn, data_dir) as database:
-            report = uvloop.run(run_harness(args, database.dsn, data_dir))
+            report = uvloop.run(harness(args, database.dsn, data_dir))
     except HarnessError as error:
-        print(f"benchmarks.crash: error: {error}", file=sys.stderr)
+        print(f"benchmarks.{name}: error: {error}", file=sys.stderr)
         return 2
     finally:
         if temporary:
@@ -1031,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print_json(report)
     else:
-        print_summary(report)
+        summary(report)
     return 0 if report["passed"] else 1
 
 

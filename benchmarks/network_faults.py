@@ -42,19 +42,16 @@ import contextlib
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import uvloop
 
-from benchmarks.common import REPOSITORY_ROOT, describe_machine, describe_versions, free_port, metric_sum, print_json
+from benchmarks.common import REPOSITORY_ROOT, describe_versions, free_port, metric_sum
 from benchmarks.crash import (
     _BUSY,
     BUSY_BACKOFF_MAX_S,
@@ -74,13 +71,13 @@ from benchmarks.crash import (
     Terminal,
     audit_database,
     create_city,
+    run_in_data_dir,
     send,
     stop_engine,
     wait_for_orphan_sessions,
 )
 from benchmarks.proxy import FaultyProxy
 from engine.client import ConnectionLost, EngineError, TerminalClient
-from engine.db import resolve_database
 from engine.limits import DB_COMMAND_TIMEOUT_S
 from engine.writer import WRITER_CONNECT_TIMEOUT_S
 
@@ -517,25 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.terminals < 1 or args.pipeline < 1:
         parser.error("--seconds must be positive, --terminals and --pipeline at least 1")
-    temporary = args.data_dir is None
-    data_dir = Path(tempfile.mkdtemp(prefix="citycard-network-")) if temporary else args.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    machine = describe_machine()
-    try:
-        with resolve_database(args.dsn, data_dir) as database:
-            report = uvloop.run(run_harness(args, database.dsn, data_dir))
-    except HarnessError as error:
-        print(f"benchmarks.network_faults: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if temporary:
-            shutil.rmtree(data_dir, ignore_errors=True)
-    report["machine"] = machine
-    if args.json:
-        print_json(report)
-    else:
-        print_summary(report)
-    return 0 if report["passed"] else 1
+    return run_in_data_dir(args, "network_faults", run_harness, print_summary)
 
 
 def print_summary(report: dict[str, object]) -> None:

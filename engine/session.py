@@ -105,6 +105,8 @@ class TerminalSession(asyncio.Protocol):
         # request id -> when its frame arrived; replies due -> when theirs did.
         self._received_at: dict[int, float] = {}
         self._replies_received_at: list[float] = []
+        # With metrics off nothing is timed: no clock read, no bookkeeping per request.
+        self._observing = context.observe_latency is not None
         self._deadline: asyncio.TimerHandle | None = None
         self.peer = "?"
 
@@ -158,7 +160,8 @@ class TerminalSession(asyncio.Protocol):
         if self._closed:
             return
         self._last_received = asyncio.get_running_loop().time()
-        self._chunk_received = time.perf_counter()
+        if self._observing:
+            self._chunk_received = time.perf_counter()
         frames = self._reader.feed(data)
         for msg_type, request_id, body in frames:
             if self._closed:
@@ -192,7 +195,8 @@ class TerminalSession(asyncio.Protocol):
             terminal = self._terminal
             assert terminal is not None
             self._in_flight += 1
-            self._received_at[request_id] = self._chunk_received
+            if self._observing:
+                self._received_at[request_id] = self._chunk_received
             if msg_type == _TAP:
                 seq, uid, counter, event_ms, flags = fastpath.decode_tap(body)
                 self._processor.submit(
@@ -265,9 +269,10 @@ class TerminalSession(asyncio.Protocol):
         if self._closed:
             return  # the terminal will retry with the same sequence
         self._in_flight -= 1
-        received_at = self._received_at.pop(request_id, None)
-        if received_at is not None:
-            self._replies_received_at.append(received_at)
+        if self._observing:
+            received_at = self._received_at.pop(request_id, None)
+            if received_at is not None:
+                self._replies_received_at.append(received_at)
         self._out.append(fastpath.encode_tap_result(request_id, terminal_seq, result, amount, balance))
 
     def flush(self) -> None:

@@ -10,16 +10,12 @@ checker itself is described in ``benchmarks/crash.py`` and
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import run_json_module
 
 # A cycle (engine start, retries, load, kill, check) takes about half a
 # second on the 2-core development machine: 20 cycles in ~10-20 s. The
@@ -33,18 +29,7 @@ NEGATIVE_CONTROL_CYCLES_MAX = 30
 
 
 def run_harness(dsn: str, *options: str) -> tuple[int, dict[str, Any]]:
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.crash", "--json", "--dsn", dsn, *options],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HARNESS_TIMEOUT_S,
-    )
-    lines = [line for line in completed.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, f"stdout: {completed.stdout[-2000:]}\nstderr: {completed.stderr[-4000:]}"
-    report = orjson.loads(lines[0])
-    assert isinstance(report, dict)
-    return completed.returncode, report
+    return run_json_module("benchmarks.crash", "--dsn", dsn, *options, timeout_s=HARNESS_TIMEOUT_S)
 
 
 @pytest.mark.slow

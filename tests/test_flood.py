@@ -3,15 +3,13 @@ memory bounded, real terminals served (benchmarks/flood.py)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import run_json_module
+
 # Handshake deadline (5 s) plus the harness's slack and set-up.
 FLOOD_TIMEOUT_S = 180
 
@@ -19,18 +17,12 @@ FLOOD_TIMEOUT_S = 180
 @pytest.mark.slow
 def test_flood_is_closed_by_deadline_and_terminals_are_served(fresh_db: Callable[..., str], tmp_path: Path) -> None:
     dsn = fresh_db(migrated=False)
-    completed = subprocess.run(
-        [
-            sys.executable, "-m", "benchmarks.flood", "--idle", "400", "--slow", "40",
-            "--dsn", dsn, "--data-dir", str(tmp_path), "--json",
-        ],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=FLOOD_TIMEOUT_S,
+    code, report = run_json_module(
+        "benchmarks.flood",
+        "--idle", "400", "--slow", "40", "--dsn", dsn, "--data-dir", str(tmp_path),
+        timeout_s=FLOOD_TIMEOUT_S,
     )
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
-    report = json.loads(completed.stdout)
+    assert code == 0, report
     assert report["closed_by_deadline"] == 440 and report["not_closed"] == 0
     assert report["max_close_after_s"] <= report["handshake_deadline_s"] + 2
     assert report["terminal_taps"] > 0 and report["terminal_errors"] == 0

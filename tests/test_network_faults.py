@@ -10,19 +10,14 @@ The proxy is tested on its own against a small echo server.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from benchmarks.proxy import FaultyProxy
-
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import run_json_module
 
 # 15 s of faults, a second of start and audit; the limit only catches a hang
 # (a stuck unknown may take the harness's FINAL_RESOLVE_S, 90 s, to give up).
@@ -33,18 +28,7 @@ ECHO_TIMEOUT_S = 5.0
 
 
 def run_harness(dsn: str, *options: str) -> tuple[int, dict[str, Any]]:
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.network_faults", "--json", "--dsn", dsn, *options],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=HARNESS_TIMEOUT_S,
-    )
-    lines = [line for line in completed.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, f"stdout: {completed.stdout[-2000:]}\nstderr: {completed.stderr[-4000:]}"
-    report = orjson.loads(lines[0])
-    assert isinstance(report, dict)
-    return completed.returncode, report
+    return run_json_module("benchmarks.network_faults", "--dsn", dsn, *options, timeout_s=HARNESS_TIMEOUT_S)
 
 
 @pytest.mark.slow
