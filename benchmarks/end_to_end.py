@@ -85,6 +85,7 @@ from benchmarks.common import (
     record_latencies_us,
     serve_engine,
 )
+from benchmarks.host_stalls import ProbeProcess, Stalls
 from benchmarks.plot import RESULTS_DIR, write_latency_curve
 from engine import fastpath
 from engine.codes import ErrorCode, MessageType, ResultCode, TerminalKind
@@ -151,6 +152,9 @@ class Phase:
     latency_us: dict[int, int] = field(default_factory=dict)
     # Open loop: from the actual send, to show how much is the generator's lateness.
     latency_from_send_us: dict[int, int] = field(default_factory=dict)
+    # Open loop: (scheduled_ns, replied_ns) of every recorded tap, to set
+    # each against the host's stall windows (benchmarks.host_stalls).
+    spans: list[tuple[int, int]] = field(default_factory=list)
     sent: int = 0
     error_frames: collections.Counter[str] = field(default_factory=collections.Counter)
     connections_lost: int = 0
@@ -239,6 +243,7 @@ class LoadConnection(asyncio.Protocol):
                         from_send = phase.latency_from_send_us
                         latency = (now - times[1]) // 1000
                         from_send[latency] = from_send.get(latency, 0) + 1
+                        phase.spans.append((times[0], now))
             elif msg_type == _ERROR:
                 code, text = fastpath.decode_error(body)
                 try:
@@ -511,8 +516,13 @@ async def open_loop(
     phase.record_from_ns = phase.rate_from_ns = measured_from
     phase.record_until_ns = 1 << 62  # every scheduled tap's reply counts, however late
     phase.rate_until_ns = end
-    before, after = await send_on_schedule(connections, times, resources, measured_from, end)
-    await close_sessions(connections, seqs, phase)
+    probe = ProbeProcess(warmup_s + seconds + HOST_PROBE_DRAIN_S)
+    try:
+        before, after = await send_on_schedule(connections, times, resources, measured_from, end)
+        await close_sessions(connections, seqs, phase)
+        stalls = await asyncio.get_running_loop().run_in_executor(None, probe.result)
+    finally:
+        probe.kill()
     report = summarize(phase, seconds, usage(before, after))
     histogram = new_latency_histogram()
     record_latencies_us(histogram, phase.latency_from_send_us)
@@ -524,8 +534,34 @@ async def open_loop(
         **report,
         "from_send_p50_ms": from_send["p50_ms"],
         "from_send_p99_ms": from_send["p99_ms"],
+        **clear_of_stalls(phase.spans, stalls),
     }
 
+
+def clear_of_stalls(spans: Sequence[tuple[int, int]], stalls: Stalls) -> dict[str, object]:
+    """The latency of the taps whose life (scheduled -> reply) touched no
+    host stall window, beside how much of the run the host stalled.
+
+    Taps queued behind a stall but scheduled after it ended count as clear:
+    what the engine takes to catch up is the engine's."""
+    histogram = new_latency_histogram()
+    clear = 0
+    for scheduled, replied in spans:
+        if not stalls.overlaps(scheduled, replied):
+            histogram.record_value(max((replied - scheduled) // 1000, 1))
+            clear += 1
+    latency = latency_summary(histogram)
+    return {
+        "host_stalls": stalls.describe(),
+        "clear_of_host_stalls_percent": round(100.0 * clear / len(spans), 2) if spans else None,
+        "clear_of_host_stalls_p50_ms": latency["p50_ms"],
+        "clear_of_host_stalls_p99_ms": latency["p99_ms"],
+    }
+
+
+# The host-stall probe runs this long past the open loop's window: the last
+# replies arrive within it (DRAIN_TIMEOUT_S is for failures, not the norm).
+HOST_PROBE_DRAIN_S = 2.0
 
 # Open-loop rates of the latency-versus-throughput curve (--plot): from a
 # quiet city to well past Gijón's peak, up to where queueing shows.

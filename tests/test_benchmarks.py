@@ -106,6 +106,10 @@ def test_end_to_end_benchmark_reports_sane_figures(fresh_db: Callable[..., str],
     assert open_loop["achieved_rate"] > 0
     assert 0 < open_loop["p50_ms"] <= open_loop["p99_ms"]
     assert open_loop["errors"] == 0, open_loop
+    # The host-stall probe ran beside it and the taps were set against it.
+    assert open_loop["host_stalls"]["probe_seconds"] > 1.5
+    assert open_loop["host_stalls"]["median_unit_us"] > 0
+    assert 0 <= open_loop["clear_of_host_stalls_percent"] <= 100
 
     # The latency curve and its plot, the burst, metrics on versus off.
     assert [point["offered_rate"] for point in report["latency_curve"]] == [100, 300]
