@@ -107,3 +107,27 @@ class OperationKind(enum.IntEnum):
     TAP = 0
     TOPUP = 1
     REVERSAL = 2
+
+
+class ServiceKind(enum.IntEnum):
+    """How a service charges. Stored in ``services.kind``, set by the rules file."""
+
+    PER_USE = 0  # one fare per entry tap
+    PER_DURATION = 1  # entry takes a hold, exit settles it (a maximum when the exit is missing)
+    IDENTIFICATION = 2  # nothing debited: the tap records an access
+
+
+class TapInfo(enum.IntFlag):
+    """Why a decision came out as it did, beyond its result code.
+
+    Stored in ``taps.info``; bits only grow, a bit's meaning never changes.
+    """
+
+    NONE = 0
+    CONCESSION_NOT_VALID = 0x01  # the holder's concession was not valid at the tap: standard fare
+    RENEWAL_DUE = 0x02  # the concession ends within the renewal window: ask the holder to renew
+    SHOW_ID = 0x04  # concession tap selected for inspection: the holder shows an ID
+    TRANSFER = 0x08  # a change of bus within the transfer window
+    CAPPED = 0x10  # the fare was reduced to what is left under a daily or monthly cap
+    PASS_USED = 0x20  # a season pass or multi-ride ticket paid this tap
+    SHARING_SUSPECTED = 0x40  # the card was used too far away too soon
