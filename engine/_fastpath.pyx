@@ -79,6 +79,8 @@ __all__ = [
     "ERR_UNKNOWN_TYPE",
     "ERR_UNSUPPORTED_VERSION",
     "FRAME_HEADER_BYTES",
+    "INFO_CONCESSION_NOT_VALID",
+    "INFO_RENEWAL_DUE",
     "LEDGER_FARE",
     "LEDGER_OPENING",
     "LEDGER_REVERSAL",
@@ -97,9 +99,11 @@ __all__ = [
     "MSG_TAP",
     "MSG_TAP_RESULT",
     "MSG_TOPUP",
+    "MS_PER_DAY",
     "NONCE_BYTES",
     "NO_ACCOUNT",
     "NO_FARE",
+    "NO_PROFILE",
     "OPERATION_REVERSAL",
     "OPERATION_TAP",
     "OPERATION_TOPUP",
@@ -119,6 +123,7 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "STANDARD_PROFILE",
     "TAP_FLAGS_KNOWN",
     "TAP_FLAG_EXIT",
     "TERMINAL_KEY_BYTES",
@@ -1066,6 +1071,15 @@ cpdef enum:
     OPERATION_TAP = 0
     OPERATION_TOPUP = 1
     OPERATION_REVERSAL = 2
+    # The profile whose fare applies when a concession is not valid
+    # (engine.state.STANDARD_PROFILE), and "no fare decided yet".
+    STANDARD_PROFILE = 0
+    NO_PROFILE = -1
+    # Decision.info bits (engine.codes.TapInfo).
+    INFO_CONCESSION_NOT_VALID = 0x01
+    INFO_RENEWAL_DUE = 0x02
+    # Eligibility is kept in days since 1970-01-01.
+    MS_PER_DAY = 86400000
 
 # Names for repr only.
 _OPERATION_NAMES = {
@@ -1106,6 +1120,9 @@ cdef class Decision:
     cdef public int64_t source
     cdef public int64_t target
     cdef public int64_t ledger_kind
+    cdef public int64_t info
+    cdef public int64_t fare_profile
+    cdef public int64_t rules_version
     cdef public list waiters
 
     def __init__(
@@ -1140,6 +1157,9 @@ cdef class Decision:
         self.source = NO_ACCOUNT
         self.target = NO_ACCOUNT
         self.ledger_kind = LEDGER_FARE
+        self.info = 0
+        self.fare_profile = NO_PROFILE
+        self.rules_version = 0
         self.waiters = []
 
     def fingerprint(self):
@@ -1230,6 +1250,16 @@ cdef long long* _int64_column(object column, str name) except NULL:
     return (<array.array>column).data.as_longlongs
 
 
+cdef int* _int32_column(object column, str name) except NULL:
+    """The raw cells of an array('i') column of the city."""
+    if not isinstance(column, array.array) or (
+            (<array.array>column).ob_descr.typecode != c'i'):
+        raise TypeError(_column_type_text(column, name, "array('i')"))
+    if Py_SIZE(column) == 0:
+        return <int*>_NO_CELLS
+    return (<array.array>column).data.as_ints
+
+
 cdef unsigned char* _byte_column(object column, str name) except NULL:
     """The raw cells of a bytearray column of the city."""
     if not isinstance(column, bytearray):
@@ -1275,6 +1305,11 @@ cdef inline Py_ssize_t _check_position(
 def decide_tap(state, terminal, Decision decision not None):
     """Decide a TAP in place: sets result, amount, balance and accounts.
 
+    The card's profile fare applies while the holder's eligibility for it is
+    valid on the day of the tap (UTC, from the engine's record time);
+    otherwise the standard profile's fare applies and ``info`` says why.
+    ``info`` also warns when the eligibility ends within the renewal window.
+
     An exit tap records the passage and charges nothing: with per-use fares
     the entry already paid.
 
@@ -1282,7 +1317,9 @@ def decide_tap(state, terminal, Decision decision not None):
     """
     cdef Py_ssize_t card, account
     cdef unsigned char status, profile
-    cdef int64_t available, fare, committed, pending, account_floor
+    cdef int64_t available, fare, committed, pending, account_floor, day
+    cdef int64_t eligible_from, eligible_until, renewal_days
+    cdef int64_t info = 0
     if not terminal.active:
         decision.result = RESULT_TERMINAL_NOT_ALLOWED
         return
@@ -1293,25 +1330,34 @@ def decide_tap(state, terminal, Decision decision not None):
         return
     service_id = terminal.service_id
     cdef dict fares_by_service = state.fares
+    decision.rules_version = state.rules_version
+    renewal_days = state.renewal_window_days
     card_account_column = state.card_account
     card_status_column = state.card_status
     card_profile_column = state.card_profile
+    eligible_from_column = state.card_eligible_from
+    eligible_until_column = state.card_eligible_until
     balance_column = state.balance
     pending_debit_column = state.pending_debit
     floor_column = state.floor
     cdef long long* card_account = _int64_column(card_account_column, "card_account")
     cdef unsigned char* card_status = _byte_column(card_status_column, "card_status")
     cdef unsigned char* card_profile = _byte_column(card_profile_column, "card_profile")
+    cdef int* card_eligible_from = _int32_column(eligible_from_column, "card_eligible_from")
+    cdef int* card_eligible_until = _int32_column(eligible_until_column, "card_eligible_until")
     cdef long long* balance = _int64_column(balance_column, "balance")
     cdef long long* pending_debit = _int64_column(pending_debit_column, "pending_debit")
     cdef long long* floor = _int64_column(floor_column, "floor")
     card = _check_position(found, min(Py_SIZE(card_account_column), Py_SIZE(card_status_column),
-                                      Py_SIZE(card_profile_column)), "card")
-    # The card's three cells, then its account's three, are read together:
+                                      Py_SIZE(card_profile_column), Py_SIZE(eligible_from_column),
+                                      Py_SIZE(eligible_until_column)), "card")
+    # The card's cells, then its account's three, are read together:
     # they sit in different arrays of a city far larger than the caches, so
     # their misses overlap instead of queueing one behind the other.
     status = card_status[card]
     profile = card_profile[card]
+    eligible_from = card_eligible_from[card]
+    eligible_until = card_eligible_until[card]
     account = _check_index(card_account[card], min(Py_SIZE(balance_column), Py_SIZE(pending_debit_column),
                                                    Py_SIZE(floor_column)), "account")
     committed = balance[account]
@@ -1323,6 +1369,16 @@ def decide_tap(state, terminal, Decision decision not None):
     if status != CARD_STATUS_ACTIVE:
         decision.result = RESULT_CARD_NOT_ACTIVE
         return
+    if profile != STANDARD_PROFILE:
+        # Floor division: record times are after 1970, never negative.
+        day = decision.recorded_ms // MS_PER_DAY
+        if day < eligible_from or day > eligible_until:
+            profile = STANDARD_PROFILE
+            info |= INFO_CONCESSION_NOT_VALID
+        elif eligible_until - day < renewal_days:
+            info |= INFO_RENEWAL_DUE
+    decision.fare_profile = profile
+    decision.info = info
     # A dict look-up by an int key runs no Python code: the pointers above
     # stay valid.
     fares_row = fares_by_service[service_id]
@@ -1553,9 +1609,9 @@ cdef str _literal(list values):
 
 def encode_batch(batch_id, list batch not None, account_ids,
                  transfers_per_batch):
-    """The commit statement's 25 arguments for one batch.
+    """The commit statement's 28 arguments for one batch.
 
-    Per decision, one row of the tap record (15 columns). Per account, the
+    Per decision, one row of the tap record (18 columns). Per account, the
     sum of its movements (each account updated once, in id order). Per
     (ledger kind, service), one transfer whose entries are the per-account
     sums. Transfer ids are ``batch_id * transfers_per_batch + k``.
@@ -1581,6 +1637,9 @@ def encode_batch(batch_id, list batch not None, account_ids,
     cdef _ArrayLiteral balances = _ArrayLiteral(n)
     cdef _ArrayLiteral services = _ArrayLiteral(n)
     cdef _ArrayLiteral card_accounts = _ArrayLiteral(n)
+    cdef _ArrayLiteral infos = _ArrayLiteral(n)
+    cdef _ArrayLiteral fare_profiles = _ArrayLiteral(n)
+    cdef _ArrayLiteral rules_versions = _ArrayLiteral(n)
     cdef dict deltas = {}
     cdef dict transfers = {}
     cdef dict entries
@@ -1609,6 +1668,12 @@ def encode_batch(batch_id, list batch not None, account_ids,
             card_accounts.add_null()
         else:
             card_accounts.add(ids[_check_index(d.card_account, accounts, "account")])
+        infos.add(d.info)
+        if d.fare_profile == NO_PROFILE:
+            fare_profiles.add_null()
+        else:
+            fare_profiles.add(d.fare_profile)
+        rules_versions.add(d.rules_version)
         amount = d.amount
         if amount != 0 and d.result == RESULT_APPROVED:
             _check_index(d.source, accounts, "account")
@@ -1627,7 +1692,8 @@ def encode_batch(batch_id, list batch not None, account_ids,
          counters.finish(), flags.finish(), requested.finish(),
          originals.finish(), event_ms.finish(), recorded_ms.finish(),
          results.finish(), amounts.finish(), balances.finish(),
-         services.finish(), card_accounts.finish()))
+         services.finish(), card_accounts.finish(), infos.finish(),
+         fare_profiles.finish(), rules_versions.finish()))
 
 
 cdef tuple _finish_batch(batch_id, Py_ssize_t n, long long* ids, dict deltas,

@@ -54,6 +54,8 @@ __all__ = [
     "ERR_UNKNOWN_TYPE",
     "ERR_UNSUPPORTED_VERSION",
     "FRAME_HEADER_BYTES",
+    "INFO_CONCESSION_NOT_VALID",
+    "INFO_RENEWAL_DUE",
     "LEDGER_FARE",
     "LEDGER_OPENING",
     "LEDGER_REVERSAL",
@@ -72,9 +74,11 @@ __all__ = [
     "MSG_TAP",
     "MSG_TAP_RESULT",
     "MSG_TOPUP",
+    "MS_PER_DAY",
     "NONCE_BYTES",
     "NO_ACCOUNT",
     "NO_FARE",
+    "NO_PROFILE",
     "OPERATION_REVERSAL",
     "OPERATION_TAP",
     "OPERATION_TOPUP",
@@ -94,6 +98,7 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "STANDARD_PROFILE",
     "TAP_FLAGS_KNOWN",
     "TAP_FLAG_EXIT",
     "TERMINAL_KEY_BYTES",
@@ -954,6 +959,15 @@ TAP_FLAGS_KNOWN = TAP_FLAG_EXIT
 OPERATION_TAP = 0
 OPERATION_TOPUP = 1
 OPERATION_REVERSAL = 2
+# The profile whose fare applies when a concession is not valid
+# (engine.state.STANDARD_PROFILE), and "no fare decided yet".
+STANDARD_PROFILE = 0
+NO_PROFILE = -1
+# Decision.info bits (engine.codes.TapInfo).
+INFO_CONCESSION_NOT_VALID = 0x01
+INFO_RENEWAL_DUE = 0x02
+# Eligibility is kept in days since 1970-01-01.
+MS_PER_DAY = 86400000
 
 # Names for repr only.
 _OPERATION_NAMES = {
@@ -984,12 +998,15 @@ class Decision:
         "card_counter",
         "card_uid",
         "event_time_ms",
+        "fare_profile",
+        "info",
         "kind",
         "ledger_kind",
         "original_seq",
         "recorded_ms",
         "requested",
         "result",
+        "rules_version",
         "service_id",
         "source",
         "tap_flags",
@@ -1031,6 +1048,9 @@ class Decision:
         self.source = NO_ACCOUNT
         self.target = NO_ACCOUNT
         self.ledger_kind = LEDGER_FARE
+        self.info = 0
+        self.fare_profile = NO_PROFILE
+        self.rules_version = 0
         # (engine.decision.ReplyTarget, request_id) pairs.
         self.waiters: list[tuple[Any, int]] = []
 
@@ -1112,6 +1132,13 @@ def _int64_column(column: Any, name: str) -> _array[int]:
     return column
 
 
+def _int32_column(column: Any, name: str) -> _array[int]:
+    """An array('i') column of the city."""
+    if not isinstance(column, _array) or column.typecode != "i":
+        raise TypeError(_column_type_text(column, name, "array('i')"))
+    return column
+
+
 def _byte_column(column: Any, name: str) -> bytearray:
     """A bytearray column of the city."""
     if not isinstance(column, bytearray):
@@ -1141,11 +1168,17 @@ def _check_position(position: int, size: int, what: str) -> int:
 def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     """Decide a TAP in place: sets result, amount, balance and accounts.
 
+    The card's profile fare applies while the holder's eligibility for it is
+    valid on the day of the tap (UTC, from the engine's record time);
+    otherwise the standard profile's fare applies and ``info`` says why.
+    ``info`` also warns when the eligibility ends within the renewal window.
+
     An exit tap records the passage and charges nothing: with per-use fares
     the entry already paid.
 
     >>> decide_tap(state, state.terminals[7], decision)  # doctest: +SKIP
     """
+    info = 0
     if not terminal.active:
         decision.result = RESULT_TERMINAL_NOT_ALLOWED
         return
@@ -1155,13 +1188,24 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
         return
     service_id = terminal.service_id
     fares_by_service = state.fares
+    decision.rules_version = state.rules_version
+    renewal_days = state.renewal_window_days
     card_account = _int64_column(state.card_account, "card_account")
     card_status = _byte_column(state.card_status, "card_status")
     card_profile = _byte_column(state.card_profile, "card_profile")
+    card_eligible_from = _int32_column(state.card_eligible_from, "card_eligible_from")
+    card_eligible_until = _int32_column(state.card_eligible_until, "card_eligible_until")
     balance = _int64_column(state.balance, "balance")
     pending_debit = _int64_column(state.pending_debit, "pending_debit")
     floor = _int64_column(state.floor, "floor")
-    card = _check_position(found, min(len(card_account), len(card_status), len(card_profile)), "card")
+    card = _check_position(
+        found,
+        min(len(card_account), len(card_status), len(card_profile), len(card_eligible_from), len(card_eligible_until)),
+        "card",
+    )
+    profile = card_profile[card]
+    eligible_from = card_eligible_from[card]
+    eligible_until = card_eligible_until[card]
     account = _check_position(card_account[card], min(len(balance), len(pending_debit), len(floor)), "account")
     decision.card_account = account
     available = balance[account] - pending_debit[account]
@@ -1169,8 +1213,17 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     if card_status[card] != CARD_STATUS_ACTIVE:
         decision.result = RESULT_CARD_NOT_ACTIVE
         return
+    if profile != STANDARD_PROFILE:
+        day = decision.recorded_ms // MS_PER_DAY
+        if day < eligible_from or day > eligible_until:
+            profile = STANDARD_PROFILE
+            info |= INFO_CONCESSION_NOT_VALID
+        elif eligible_until - day < renewal_days:
+            info |= INFO_RENEWAL_DUE
+    decision.fare_profile = profile
+    decision.info = info
     fares = _int64_column(fares_by_service[service_id], "fares row")
-    fare = fares[_check_position(card_profile[card], len(fares), "profile")]
+    fare = fares[_check_position(profile, len(fares), "profile")]
     if fare == NO_FARE:
         decision.result = RESULT_SERVICE_NOT_ALLOWED
         return
@@ -1318,9 +1371,9 @@ def _nullable_literal(values: list[int | None]) -> str:
 def encode_batch(
     batch_id: int, batch: list[Decision], account_ids: _array[int], transfers_per_batch: int
 ) -> tuple[object, ...]:
-    """The commit statement's 25 arguments for one batch.
+    """The commit statement's 28 arguments for one batch.
 
-    Per decision, one row of the tap record (15 columns). Per account, the
+    Per decision, one row of the tap record (18 columns). Per account, the
     sum of its movements (each account updated once, in id order). Per
     (ledger kind, service), one transfer whose entries are the per-account
     sums. Transfer ids are ``batch_id * transfers_per_batch + k``.
@@ -1332,9 +1385,10 @@ def encode_batch(
         raise TypeError(f"Argument 'batch' has incorrect type (expected list, got {type(batch).__name__})")
     ids = _int64_column(account_ids, "account_id")
     accounts = len(ids)
-    columns: list[list[int | None]] = [[] for _ in range(15)]
+    columns: list[list[int | None]] = [[] for _ in range(18)]
     (terminal_ids, seqs, kinds, uids, counters, flags, requested, originals,
-     event_ms, recorded_ms, results, amounts, balances, services, card_accounts) = columns
+     event_ms, recorded_ms, results, amounts, balances, services, card_accounts,
+     infos, fare_profiles, rules_versions) = columns
     deltas: dict[int, int] = {}
     transfers: dict[tuple[int, int], dict[int, int]] = {}
     for d in batch:
@@ -1358,6 +1412,9 @@ def encode_batch(
             card_accounts.append(None)
         else:
             card_accounts.append(ids[_check_position(d.card_account, accounts, "account")])
+        infos.append(d.info)
+        fare_profiles.append(None if d.fare_profile == NO_PROFILE else d.fare_profile)
+        rules_versions.append(d.rules_version)
         amount = d.amount
         if amount != 0 and d.result == RESULT_APPROVED:
             source = _check_position(d.source, accounts, "account")
@@ -1389,7 +1446,7 @@ def encode_batch(
             entry_transfers.append(transfer_id)
             entry_accounts.append(account_id)
             entry_amounts.append(cents)
-    nullable = (7, 14)
+    nullable = (7, 14, 16)
     texts = tuple(
         _nullable_literal(column) if index in nullable else _literal(column)  # type: ignore[arg-type]
         for index, column in enumerate(columns)

@@ -31,6 +31,7 @@ from engine.limits import (
     MAX_CONNECTIONS,
     WRITER_QUEUE_MAX,
 )
+from engine.live import LiveChanges, apply_current_rules
 from engine.logs import CardPseudonyms
 from engine.loop_lag import LoopLagMonitor
 from engine.metrics import EngineMetrics, EngineSources
@@ -111,6 +112,7 @@ class Engine:
         self._pool: asyncpg.Pool | None = None
         self._server: asyncio.AbstractServer | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._live: LiveChanges | None = None
         self.port = 0
         self.metrics_port: int | None = None
         # Set when the engine can no longer be trusted to answer (the writer
@@ -132,6 +134,7 @@ class Engine:
             raise EngineStartError(str(error)) from None
         async with self._pool.acquire() as conn:
             state = await load_state(conn)
+            await apply_current_rules(conn, state)
             first_batch_id = await next_batch_id(conn)
             self._services = {row["id"]: row["code"] for row in await conn.fetch("SELECT id, code FROM services")}
         self.state = state
@@ -161,6 +164,8 @@ class Engine:
         if counting:
             processor.on_result = self.metrics.count_decision
             processor.on_immediate = self.metrics.count_immediate
+        self._live = LiveChanges(config.dsn, state)
+        self._live.start()
         self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
         self._writer_task.add_done_callback(self._writer_ended)
         limits = SessionLimits(
@@ -274,6 +279,8 @@ class Engine:
         await self._abort()
 
     async def _abort(self) -> None:
+        if self._live is not None:
+            await self._live.stop()
         await self._stop_health()
         # Stopping the HTTP thread waits for its poll (up to half a second): not on the loop.
         await asyncio.to_thread(self.metrics.close)

@@ -17,8 +17,10 @@ committed. Credits (top-ups, refunds) count only once committed.
 
 from __future__ import annotations
 
+import datetime
 import time
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import asyncpg
@@ -36,6 +38,23 @@ LOAD_PREFETCH_ROWS = 20_000
 # Profiles are small integers (schema: 0 <= id < 64), so a service's fares are
 # a 64-slot row indexed by profile.
 PROFILES_MAX = 64
+
+# The profile whose fare applies when a holder's concession is not valid
+# (schema: profiles.id 0, code 'standard'). It needs no eligibility.
+STANDARD_PROFILE = 0
+
+# Eligibility periods are held as days since 1970-01-01 (UTC), inclusive at
+# both ends. A standard card is always "eligible"; a concession card with no
+# eligibility row never is: its period is empty (from > until).
+ALWAYS_FROM_DAY = -(2**31)
+ALWAYS_UNTIL_DAY = 2**31 - 1
+NEVER_FROM_DAY = 1
+NEVER_UNTIL_DAY = 0
+_EPOCH = datetime.date(1970, 1, 1)
+
+# Days before a concession ends during which taps warn the holder to renew,
+# until a rules version sets its own (rules: concessions.renewal_window_days).
+DEFAULT_RENEWAL_WINDOW_DAYS = 30
 
 
 class InvariantError(Exception):
@@ -74,6 +93,11 @@ class CityState:
         self.card_status = bytearray()
         self.card_profile = bytearray()
         self.card_account = array("q")  # -> account position
+        self.card_holder = array("q")  # holder id (database), for eligibility changes
+        # The holder's eligibility for the card's profile, in days since
+        # 1970-01-01, inclusive (see ALWAYS_*/NEVER_* above).
+        self.card_eligible_from = array("i")
+        self.card_eligible_until = array("i")
         # Accounts
         self.account_position: dict[int, int] = {}  # database id -> position
         self.account_id = array("q")
@@ -86,6 +110,10 @@ class CityState:
         self.fares: dict[int, array[int]] = {}
         self.revenue_account: dict[int, int] = {}
         self.terminals: dict[int, Terminal] = {}
+        # The rules version deciding taps now (recorded with each), and the
+        # concession renewal warning window it sets.
+        self.rules_version = 0
+        self.renewal_window_days = DEFAULT_RENEWAL_WINDOW_DAYS
 
     # --- building -------------------------------------------------------
 
@@ -100,13 +128,43 @@ class CityState:
         self.ceiling.append(ceiling)
         return position
 
-    def add_card(self, uid: int, status: int, profile: int, account_id: int) -> int:
+    def add_card(
+        self,
+        uid: int,
+        status: int,
+        profile: int,
+        account_id: int,
+        holder_id: int = 0,
+        eligible: tuple[int, int] | None = None,
+    ) -> int:
+        """Append a card; ``eligible`` is its holder's (from_day, until_day)
+        for its profile, None when there is no eligibility row."""
         position = len(self.card_uid)
         self.card_position[uid] = position
         self.card_uid.append(uid)
         self.card_status.append(status)
         self.card_profile.append(profile)
         self.card_account.append(self.account_position[account_id])
+        self.card_holder.append(holder_id)
+        from_day, until_day = eligibility_days(profile, eligible)
+        self.card_eligible_from.append(from_day)
+        self.card_eligible_until.append(until_day)
+        return position
+
+    def update_card(
+        self, uid: int, status: int, profile: int, account_id: int, holder_id: int, eligible: tuple[int, int] | None
+    ) -> int:
+        """Set a known card's columns from its database row, or append it if new."""
+        position = self.card_position.get(uid)
+        if position is None:
+            return self.add_card(uid, status, profile, account_id, holder_id, eligible)
+        self.card_status[position] = status
+        self.card_profile[position] = profile
+        self.card_account[position] = self.account_position[account_id]
+        self.card_holder[position] = holder_id
+        from_day, until_day = eligibility_days(profile, eligible)
+        self.card_eligible_from[position] = from_day
+        self.card_eligible_until[position] = until_day
         return position
 
     def set_fare(self, service_id: int, profile: int, fare_cents: int) -> None:
@@ -142,6 +200,75 @@ class CityState:
                 raise InvariantError(f"account {self.account_id[position]}: pending debits exceed the floor")
 
 
+# A card with its holder's profile and the holder's eligibility for that
+# profile (days since 1970-01-01; NULL when there is no row). No ORDER BY:
+# card positions need no order, and sorting millions of rows would only make
+# the start slower.
+_CARDS_SQL = (
+    "SELECT c.uid, c.status, h.profile_id, c.account_id, c.holder_id,"
+    " (e.valid_from - DATE '1970-01-01'), (e.valid_until - DATE '1970-01-01')"
+    " FROM cards c JOIN holders h ON h.id = c.holder_id"
+    " LEFT JOIN eligibility e ON e.holder_id = c.holder_id AND e.profile_id = h.profile_id"
+)
+
+
+def day_number(day: datetime.date) -> int:
+    """Days since 1970-01-01."""
+    return (day - _EPOCH).days
+
+
+def eligibility_days(profile: int, eligible: tuple[int, int] | None) -> tuple[int, int]:
+    """The (from_day, until_day) a card holds for its profile."""
+    if profile == STANDARD_PROFILE:
+        return (ALWAYS_FROM_DAY, ALWAYS_UNTIL_DAY)
+    if eligible is None:
+        return (NEVER_FROM_DAY, NEVER_UNTIL_DAY)
+    return eligible
+
+
+def _period(from_day: int | None, until_day: int | None) -> tuple[int, int] | None:
+    return None if from_day is None or until_day is None else (from_day, until_day)
+
+
+async def refresh_cards(
+    conn: asyncpg.Connection, state: CityState, *, uids: Iterable[int] = (), holders: Iterable[int] = ()
+) -> int:
+    """Re-read cards (by uid, or every card of the given holders) from the
+    database into ``state``: status, profile, account, eligibility. New cards
+    are appended; their accounts must be loaded first (``refresh_account``).
+
+    The card office commits a change, then calls this on the engine's event
+    loop, so the very next tap sees it. Returns the number of cards read.
+    """
+    uid_list = list(uids)
+    holder_list = list(holders)
+    rows = await conn.fetch(
+        _CARDS_SQL + " WHERE c.uid = ANY($1::int8[]) OR c.holder_id = ANY($2::int8[])", uid_list, holder_list
+    )
+    for row in rows:
+        if row[3] not in state.account_position:
+            await refresh_account(conn, state, row[3])
+        state.update_card(row[0], row[1], row[2], row[3], row[4], _period(row[5], row[6]))
+    return len(rows)
+
+
+async def refresh_account(conn: asyncpg.Connection, state: CityState, account_id: int) -> int:
+    """Load an account the engine does not hold yet (a newly issued card's).
+
+    Known accounts are never re-read: their balances change only through the
+    engine's own batches, and the database row may lag the pending amounts.
+    """
+    position = state.account_position.get(account_id)
+    if position is not None:
+        return position
+    row = await conn.fetchrow(
+        "SELECT balance_cents, floor_cents, ceiling_cents FROM accounts WHERE id = $1", account_id
+    )
+    if row is None:
+        raise LookupError(f"account {account_id} does not exist")
+    return state.add_account(account_id, row[0], row[1], row[2])
+
+
 async def load_state(conn: asyncpg.Connection) -> CityState:
     """Read the whole city from the database into a new CityState.
 
@@ -160,12 +287,9 @@ async def load_state(conn: asyncpg.Connection) -> CityState:
             state.add_account(row[0], row[1], row[2], row[3])
         # No ORDER BY: card positions need no order, and sorting millions of
         # rows would only make the start slower.
-        cards = conn.cursor(
-            "SELECT c.uid, c.status, h.profile_id, c.account_id FROM cards c JOIN holders h ON h.id = c.holder_id",
-            prefetch=LOAD_PREFETCH_ROWS,
-        )
+        cards = conn.cursor(_CARDS_SQL, prefetch=LOAD_PREFETCH_ROWS)
         async for row in cards:
-            state.add_card(row[0], row[1], row[2], row[3])
+            state.add_card(row[0], row[1], row[2], row[3], row[4], _period(row[5], row[6]))
         for service_id, revenue_account_id in await conn.fetch("SELECT id, revenue_account_id FROM services"):
             state.revenue_account[service_id] = state.account_position[revenue_account_id]
             state.fares.setdefault(service_id, array("q", [NO_FARE] * PROFILES_MAX))
@@ -194,4 +318,3 @@ async def load_state(conn: asyncpg.Connection) -> CityState:
 def now_ms() -> int:
     """Engine wall clock in Unix milliseconds (record time)."""
     return time.time_ns() // 1_000_000
-

@@ -78,31 +78,35 @@ WITH
   tap AS (
     INSERT INTO taps (terminal_id, terminal_seq, kind, card_uid, card_counter, tap_flags,
                       requested_cents, original_seq, event_time, recorded_at, result,
-                      amount_cents, balance_cents, service_id, account_id, batch_id)
+                      amount_cents, balance_cents, service_id, account_id, batch_id,
+                      info, fare_profile, rules_version)
     SELECT u.terminal_id, u.seq, u.kind, u.uid, u.counter, u.flags, u.requested, u.original,
            timestamptz 'epoch' + u.event_ms * interval '1 millisecond',
            timestamptz 'epoch' + u.recorded_ms * interval '1 millisecond',
-           u.result, u.amount, u.balance, u.service_id, u.account_id, $1
+           u.result, u.amount, u.balance, u.service_id, u.account_id, $1,
+           u.info, u.fare_profile, u.rules_version
     FROM unnest($3::text::int4[], $4::text::int8[], $5::text::int2[], $6::text::int8[],
                 $7::text::int8[], $8::text::int2[], $9::text::int8[], $10::text::int8[],
                 $11::text::int8[], $12::text::int8[], $13::text::int2[], $14::text::int8[],
-                $15::text::int8[], $16::text::int2[], $17::text::int8[])
+                $15::text::int8[], $16::text::int2[], $17::text::int8[], $18::text::int4[],
+                $19::text::int2[], $20::text::int4[])
       AS u(terminal_id, seq, kind, uid, counter, flags, requested, original, event_ms,
-           recorded_ms, result, amount, balance, service_id, account_id)
+           recorded_ms, result, amount, balance, service_id, account_id, info,
+           fare_profile, rules_version)
   ),
   account AS (
     UPDATE accounts SET balance_cents = accounts.balance_cents + d.delta
-    FROM unnest($18::text::int8[], $19::text::int8[]) AS d(id, delta)
+    FROM unnest($21::text::int8[], $22::text::int8[]) AS d(id, delta)
     WHERE accounts.id = d.id
   ),
   transfer AS (
     INSERT INTO ledger_transfers (id, batch_id, kind, service_id)
     SELECT x.id, $1, x.kind, x.service_id
-    FROM unnest($20::text::int8[], $21::text::int2[], $22::text::int2[]) AS x(id, kind, service_id)
+    FROM unnest($23::text::int8[], $24::text::int2[], $25::text::int2[]) AS x(id, kind, service_id)
   ),
   entry AS (
     INSERT INTO ledger_entries (transfer_id, account_id, amount_cents)
-    SELECT * FROM unnest($23::text::int8[], $24::text::int8[], $25::text::int8[])
+    SELECT * FROM unnest($26::text::int8[], $27::text::int8[], $28::text::int8[])
   )
 SELECT 1
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from engine.server import Engine, EngineConfig
 
 STANDARD = 0
 STUDENT = 1
+# A concession valid on any day a test runs.
+ALWAYS_ELIGIBLE = (datetime.date(2000, 1, 1), datetime.date(2099, 12, 31))
 
 BUS = 1
 LIBRARY = 2
@@ -78,8 +81,13 @@ async def add_card(
     profile: int = STANDARD,
     status: int = CardStatus.ACTIVE,
     floor: int = 0,
+    eligible: tuple[datetime.date, datetime.date] | None = ALWAYS_ELIGIBLE,
 ) -> Card:
-    """A holder with one card and an opening balance booked in the ledger."""
+    """A holder with one card and an opening balance booked in the ledger.
+
+    A concession holder (``profile`` other than STANDARD) gets an eligibility
+    row for the period ``eligible`` (None: no row, the concession is not valid).
+    """
     global _next_id
     _next_id += 1
     number = _next_id
@@ -97,6 +105,14 @@ async def add_card(
         await conn.execute(
             "INSERT INTO cards (uid, holder_id, account_id, status) VALUES ($1, $2, $2, $3)", uid, number, status
         )
+        if profile != STANDARD and eligible is not None:
+            await conn.execute(
+                "INSERT INTO eligibility (holder_id, profile_id, source, valid_from, valid_until)"
+                " VALUES ($1, $2, 'office', $3, $4)",
+                number,
+                profile,
+                *eligible,
+            )
         if balance:
             transfer = -number  # opening transfers use negative ids, apart from the engine's
             await conn.execute("INSERT INTO ledger_transfers (id, kind) VALUES ($1, 3)", transfer)

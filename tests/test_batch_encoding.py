@@ -28,29 +28,52 @@ def decision(module: ModuleType, **fields: object) -> object:
         fields.get("recorded_ms", 1_700_000_000_001),
         fields.get("service_id", 1),
     )
-    for name in ("result", "amount", "balance", "card_account", "source", "target", "ledger_kind"):
+    for name in (
+        "result",
+        "amount",
+        "balance",
+        "card_account",
+        "source",
+        "target",
+        "ledger_kind",
+        "info",
+        "fare_profile",
+        "rules_version",
+    ):
         if name in fields:
             setattr(d, name, fields[name])
     return d
 
 
 def test_a_fare_and_a_topup(fp: ModuleType) -> None:
-    fare = decision(fp, amount=150, balance=850, card_account=3, source=3, target=1)
+    fare = decision(
+        fp, amount=150, balance=850, card_account=3, source=3, target=1, info=3, fare_profile=0, rules_version=4
+    )
     topup = decision(
-        fp, terminal_seq=1002, kind=fp.OPERATION_TOPUP, requested=500, amount=500, balance=1350,
-        card_account=3, source=0, target=3, ledger_kind=fp.LEDGER_TOPUP,
+        fp,
+        terminal_seq=1002,
+        kind=fp.OPERATION_TOPUP,
+        requested=500,
+        amount=500,
+        balance=1350,
+        card_account=3,
+        source=0,
+        target=3,
+        ledger_kind=fp.LEDGER_TOPUP,
     )
     declined = decision(fp, terminal_seq=1003, card_uid=99, result=17)
     arguments = fp.encode_batch(5, [fare, topup, declined], ACCOUNTS, TRANSFERS_PER_BATCH)
-    assert len(arguments) == 25
+    assert len(arguments) == 28
     assert arguments[:4] == (5, 3, "{7,7,7}", "{1001,1002,1003}")
     assert arguments[9] == "{NULL,NULL,NULL}"  # original_seq
     assert arguments[16] == "{1000001,1000001,NULL}"  # the card's account id, NULL when unknown
+    # info, the fare's profile (NULL when no fare was decided) and the rules version.
+    assert arguments[17:20] == ("{3,0,0}", "{0,NULL,NULL}", "{4,0,0}")
     # Per account: the card -150 +500, bus revenue +150, funding -500.
-    assert arguments[17:19] == ("{1,11,1000001}", "{-500,150,350}")
+    assert arguments[20:22] == ("{1,11,1000001}", "{-500,150,350}")
     # Two transfers (fare, top-up) of service 1, each summing to zero.
-    assert arguments[19:22] == ("{5120,5121}", "{0,1}", "{1,1}")
-    assert arguments[22:25] == ("{5120,5120,5121,5121}", "{11,1000001,1,1000001}", "{150,-150,-500,500}")
+    assert arguments[22:25] == ("{5120,5121}", "{0,1}", "{1,1}")
+    assert arguments[25:28] == ("{5120,5120,5121,5121}", "{11,1000001,1,1000001}", "{150,-150,-500,500}")
 
 
 def test_extreme_values(fp: ModuleType) -> None:
@@ -95,6 +118,9 @@ decisions = st.lists(
             "result": st.sampled_from([0, 17, 25]),
             "ledger_kind": st.integers(min_value=0, max_value=2),
             "service_id": st.integers(min_value=0, max_value=20),
+            "info": st.integers(min_value=0, max_value=0x7F),
+            "fare_profile": st.integers(min_value=-1, max_value=63),
+            "rules_version": st.integers(min_value=0, max_value=2**31 - 1),
         }
     ),
     max_size=40,

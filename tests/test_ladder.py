@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from engine import decision as decision_module
 from engine import fastpath, ladder, limits
 from engine import state as state_module
-from engine.codes import CardStatus, OperationKind, ResultCode, TerminalKind
+from engine.codes import CardStatus, OperationKind, ResultCode, TapInfo, TerminalKind
 from engine.state import CityState, Terminal
 from tests.twins import load_twin
 
@@ -50,7 +50,21 @@ FUNDING_FLOOR = -(2**62)
 FUNDING_ID, BUS_REVENUE_ID, LIBRARY_REVENUE_ID, KIOSK_REVENUE_ID = 1, 11, 12, 13
 
 RICH, STUDENT, POOR, BLOCKED, DEBT, NEAR_CEILING, BLOCKED_STUDENT = 100, 101, 102, 103, 104, 105, 106
+EXPIRED_STUDENT, FUTURE_STUDENT, RENEWING_STUDENT, LAST_DAY_STUDENT, UNREGISTERED_STUDENT = 107, 108, 109, 110, 111
 UNKNOWN = 999
+# Decisions are recorded at 1_700_000_000_000 ms: day 19,675 since 1970.
+TODAY = 1_700_000_000_000 // 86_400_000
+RENEWAL_DAYS = 30
+# uid -> the holder's eligibility for the card's profile (from_day, until_day);
+# concession cards not listed have none.
+ELIGIBILITY = {
+    STUDENT: (TODAY - 400, TODAY + 400),
+    BLOCKED_STUDENT: (TODAY - 400, TODAY + 400),
+    EXPIRED_STUDENT: (TODAY - 400, TODAY - 1),
+    FUTURE_STUDENT: (TODAY + 1, TODAY + 400),
+    RENEWING_STUDENT: (TODAY - 400, TODAY + RENEWAL_DAYS - 1),
+    LAST_DAY_STUDENT: (TODAY - 400, TODAY),
+}
 # uid -> (balance, floor, profile, status)
 CARDS = {
     RICH: (1000, 0, STANDARD, CardStatus.ACTIVE),
@@ -60,6 +74,11 @@ CARDS = {
     DEBT: (100, -100, STANDARD, CardStatus.ACTIVE),
     NEAR_CEILING: (99_000, 0, STANDARD, CardStatus.ACTIVE),
     BLOCKED_STUDENT: (1000, 0, STUDENT_PROFILE, CardStatus.LOST),
+    EXPIRED_STUDENT: (500, 0, STUDENT_PROFILE, CardStatus.ACTIVE),
+    FUTURE_STUDENT: (500, 0, STUDENT_PROFILE, CardStatus.ACTIVE),
+    RENEWING_STUDENT: (500, 0, STUDENT_PROFILE, CardStatus.ACTIVE),
+    LAST_DAY_STUDENT: (500, 0, STUDENT_PROFILE, CardStatus.ACTIVE),
+    UNREGISTERED_STUDENT: (500, 0, STUDENT_PROFILE, CardStatus.ACTIVE),
 }
 
 BUS_VALIDATOR, LIBRARY_GATE, KIOSK, INACTIVE_VALIDATOR, INACTIVE_KIOSK = 1, 2, 3, 4, 5
@@ -77,7 +96,9 @@ def build_city() -> CityState:
     city.set_fare(KIOSK_SERVICE, STANDARD, 0)
     for uid, (balance, floor, profile, status) in CARDS.items():
         city.add_account(10_000 + uid, balance, floor, CEILING)
-        city.add_card(uid, status, profile, 10_000 + uid)
+        city.add_card(uid, status, profile, 10_000 + uid, holder_id=uid, eligible=ELIGIBILITY.get(uid))
+    city.renewal_window_days = RENEWAL_DAYS
+    city.rules_version = 3
     for terminal_id, service, kind, active in (
         (BUS_VALIDATOR, BUS, TerminalKind.VALIDATOR, True),
         (LIBRARY_GATE, LIBRARY, TerminalKind.VALIDATOR, True),
@@ -148,6 +169,10 @@ def test_constants_match_the_engine(fp: ModuleType) -> None:
     assert fp.NO_ACCOUNT == -1
     assert fp.TAP_FLAG_EXIT == 0x01
     assert fp.TAP_FLAGS_KNOWN == fp.TAP_FLAG_EXIT
+    assert fp.STANDARD_PROFILE == state_module.STANDARD_PROFILE
+    assert fp.INFO_CONCESSION_NOT_VALID == TapInfo.CONCESSION_NOT_VALID
+    assert fp.INFO_RENEWAL_DUE == TapInfo.RENEWAL_DUE
+    assert fp.MS_PER_DAY == 86_400_000
 
 
 def test_engine_modules_reexport_the_selected_twin() -> None:
@@ -205,7 +230,11 @@ class Case:
     balance: int = 0  # what the terminal is told
     flags: int = 0
     requested: int = 0
+    info: int = 0
+    fare_profile: int | None = None  # None: STANDARD when a fare was looked up
 
+
+NOT_VALID, RENEWAL = TapInfo.CONCESSION_NOT_VALID, TapInfo.RENEWAL_DUE
 
 CASES = [
     # TAP
@@ -221,6 +250,19 @@ CASES = [
     Case("tap lost card where not served", TAP, LIBRARY_GATE, BLOCKED_STUDENT, R.CARD_NOT_ACTIVE, 0, 1000),
     Case("tap not served", TAP, LIBRARY_GATE, STUDENT, R.SERVICE_NOT_ALLOWED, 0, 500),
     Case("tap insufficient", TAP, BUS_VALIDATOR, POOR, R.INSUFFICIENT_FUNDS, 0, 100),
+    # Concessions apply only while the holder's eligibility is valid.
+    Case("tap concession expired: standard fare", TAP, BUS_VALIDATOR, EXPIRED_STUDENT, R.APPROVED,
+         BUS_FARE, 500 - BUS_FARE, info=NOT_VALID, fare_profile=STANDARD),
+    Case("tap concession not started: standard fare", TAP, BUS_VALIDATOR, FUTURE_STUDENT, R.APPROVED,
+         BUS_FARE, 500 - BUS_FARE, info=NOT_VALID, fare_profile=STANDARD),
+    Case("tap concession never registered: standard fare", TAP, BUS_VALIDATOR, UNREGISTERED_STUDENT, R.APPROVED,
+         BUS_FARE, 500 - BUS_FARE, info=NOT_VALID, fare_profile=STANDARD),
+    Case("tap concession ending: renew", TAP, BUS_VALIDATOR, RENEWING_STUDENT, R.APPROVED,
+         BUS_FARE_STUDENT, 500 - BUS_FARE_STUDENT, info=RENEWAL, fare_profile=STUDENT_PROFILE),
+    Case("tap concession last day still valid", TAP, BUS_VALIDATOR, LAST_DAY_STUDENT, R.APPROVED,
+         BUS_FARE_STUDENT, 500 - BUS_FARE_STUDENT, info=RENEWAL, fare_profile=STUDENT_PROFILE),
+    Case("tap expired concession where only standard is served", TAP, LIBRARY_GATE, EXPIRED_STUDENT, R.APPROVED,
+         0, 500, info=NOT_VALID, fare_profile=STANDARD),
     # TOPUP
     Case("topup approved", TOPUP, KIOSK, POOR, R.APPROVED, 500, 600, requested=500),
     Case("topup largest", TOPUP, KIOSK, POOR, R.APPROVED, 50_000, 50_100, requested=50_000),
@@ -245,6 +287,15 @@ def test_ladder_table(fp: ModuleType, case: Case) -> None:
     decide = fp.decide_tap if case.kind == TAP else fp.decide_topup
     decide(city, city.terminals[case.terminal], d)
     assert (d.result, d.amount, d.balance) == (case.result, case.amount, case.balance)
+    assert d.info == case.info
+    if case.kind == TAP:
+        fare_looked_up = case.result in (R.APPROVED, R.SERVICE_NOT_ALLOWED, R.INSUFFICIENT_FUNDS)
+        expected_profile = case.fare_profile
+        if expected_profile is None:
+            expected_profile = CARDS[case.uid][2] if fare_looked_up else fp.NO_PROFILE
+        assert d.fare_profile == expected_profile
+        known_card = case.uid in city.card_position and city.terminals[case.terminal].active
+        assert d.rules_version == (3 if known_card else 0)
     known = case.uid in city.card_position and city.terminals[case.terminal].active
     if case.result == R.TERMINAL_NOT_ALLOWED or not known:
         assert d.card_account == fp.NO_ACCOUNT
@@ -413,6 +464,10 @@ def _broken(mutate: str) -> CityState:
         # RICH now names the last card, whose account lost its pending_debit cell.
         city.pending_debit.pop()
         city.card_position[RICH] = len(city.card_uid) - 1
+    elif mutate == "short eligibility column":
+        city.card_eligible_from = array("i")
+    elif mutate == "int64 eligibility column":
+        city.card_eligible_until = array("q", city.card_eligible_until)  # type: ignore[assignment]
     elif mutate == "int32 column":
         city.balance = array("i", city.balance)  # type: ignore[assignment]
     elif mutate == "list column":
@@ -420,15 +475,19 @@ def _broken(mutate: str) -> CityState:
     return city
 
 
+CARDS_N = len(CARDS)
+ACCOUNTS_N = len(CARDS) + 4  # funding and three revenue accounts
 BAD_STATES = [
-    ("card beyond", IndexError, "card position 7 out of range for 7 cards"),
-    ("card negative", IndexError, "card position -1 out of range for 7 cards"),
-    ("card huge", IndexError, f"card position {2**70} out of range for 7 cards"),
-    ("account beyond", IndexError, "account position 99 out of range for 11 accounts"),
-    ("account negative", IndexError, "account position -2 out of range for 11 accounts"),
+    ("card beyond", IndexError, f"card position {CARDS_N} out of range for {CARDS_N} cards"),
+    ("card negative", IndexError, f"card position -1 out of range for {CARDS_N} cards"),
+    ("card huge", IndexError, f"card position {2**70} out of range for {CARDS_N} cards"),
+    ("account beyond", IndexError, f"account position 99 out of range for {ACCOUNTS_N} accounts"),
+    ("account negative", IndexError, f"account position -2 out of range for {ACCOUNTS_N} accounts"),
     ("profile", IndexError, "profile position 70 out of range for 64 profiles"),
-    ("short column", IndexError, "account position 10 out of range for 10 accounts"),
+    ("short column", IndexError, f"account position {ACCOUNTS_N - 1} out of range for {ACCOUNTS_N - 1} accounts"),
+    ("short eligibility column", IndexError, "card position 0 out of range for 0 cards"),
     ("int32 column", TypeError, "state.balance must be array('q'), not array('i')"),
+    ("int64 eligibility column", TypeError, "state.card_eligible_until must be array('i'), not array('q')"),
     ("list column", TypeError, "state.card_status must be bytearray, not list"),
 ]
 
@@ -444,8 +503,8 @@ def test_wrong_positions_raise_the_same_error(fp: ModuleType, mutate: str, error
 
 def test_wrong_reversal_account_raises_the_same_error(fp: ModuleType) -> None:
     city = build_city()
-    city.account_position[10_000 + RICH] = 11
-    with pytest.raises(IndexError, match=r"^account position 11 out of range for 11 accounts$"):
+    city.account_position[10_000 + RICH] = ACCOUNTS_N
+    with pytest.raises(IndexError, match=rf"^account position {ACCOUNTS_N} out of range for {ACCOUNTS_N} accounts$"):
         reverse(fp, city, BUS_VALIDATOR, original_of(fp, TAP, RICH, BUS_FARE))
     with pytest.raises(KeyError):
         reverse(fp, city, BUS_VALIDATOR, fp.Original(TAP, RICH, BUS_FARE, 424242, RECORDED_MS, BUS))
@@ -454,7 +513,7 @@ def test_wrong_reversal_account_raises_the_same_error(fp: ModuleType) -> None:
 def test_wrong_topup_position_raises_the_same_error(fp: ModuleType) -> None:
     city = build_city()
     city.card_position[POOR] = 1000
-    with pytest.raises(IndexError, match=r"^card position 1000 out of range for 7 cards$"):
+    with pytest.raises(IndexError, match=rf"^card position 1000 out of range for {CARDS_N} cards$"):
         topup(fp, city, KIOSK, POOR, 500)
 
 

@@ -1,0 +1,177 @@
+"""Changes made outside the tap path reach the running engine at once.
+
+The card office loads a new rules version (``citycard rules load``) or a
+registry file of concession eligibility (``citycard eligibility import``)
+in one transaction that ends with a ``NOTIFY``. The engine listens on its
+own connection and, on each notice, re-reads what changed and swaps it into
+its in-memory city between two taps: the very next tap is decided under the
+new rules or eligibility, without a restart.
+
+Channels and payloads:
+
+- ``citycard_rules``: the new version number. The engine reads the tariffs
+  table (which the same transaction rewrote) and the version's document.
+- ``citycard_eligibility``: an ``eligibility_imports.id``. The engine
+  re-reads the cards of every holder that import touched.
+
+A notice lost while the listening connection was down is not lost for good:
+after reconnecting the engine reloads the rules version and, since it cannot
+know which imports it missed, the eligibility of every card.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from array import array
+
+import asyncpg
+
+from engine.limits import DB_COMMAND_TIMEOUT_S
+from engine.state import DEFAULT_RENEWAL_WINDOW_DAYS, NO_FARE, PROFILES_MAX, CityState, refresh_cards
+
+log = logging.getLogger("citycard.live")
+
+RULES_CHANNEL = "citycard_rules"
+ELIGIBILITY_CHANNEL = "citycard_eligibility"
+
+# Reconnecting the listener after the database went away: the same backoff
+# bounds as the writer's, so a restarting database is not hammered.
+LISTEN_RETRY_MIN_S = 0.1
+LISTEN_RETRY_MAX_S = 5.0
+
+# Holders refreshed per query when an import is applied: one round trip per
+# 10,000 holders keeps a 340,000-row import to a few dozen queries, each a
+# few megabytes.
+REFRESH_HOLDERS_PER_QUERY = 10_000
+
+
+async def apply_current_rules(conn: asyncpg.Connection, state: CityState) -> int:
+    """Load the newest rules version's tariffs and settings into ``state``.
+
+    The fares are built aside and swapped in with the version in one step (no
+    await in between), so no tap is decided with half of a version.
+    Returns the version (0 when no rules version was ever loaded).
+    """
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        row = await conn.fetchrow(
+            "SELECT version, (document #>> '{concessions,renewal_window_days}')::int AS renewal"
+            " FROM rules_versions ORDER BY version DESC LIMIT 1",
+            timeout=DB_COMMAND_TIMEOUT_S,
+        )
+        services = await conn.fetch("SELECT id FROM services", timeout=DB_COMMAND_TIMEOUT_S)
+        tariffs = await conn.fetch(
+            "SELECT service_id, profile_id, fare_cents FROM tariffs", timeout=DB_COMMAND_TIMEOUT_S
+        )
+    fares: dict[int, array[int]] = {service["id"]: array("q", [NO_FARE] * PROFILES_MAX) for service in services}
+    for service_id, profile_id, fare in tariffs:
+        fares[service_id][profile_id] = fare
+    version = row["version"] if row is not None else 0
+    renewal = row["renewal"] if row is not None and row["renewal"] is not None else DEFAULT_RENEWAL_WINDOW_DAYS
+    state.fares = fares
+    state.rules_version = version
+    state.renewal_window_days = renewal
+    return version
+
+
+async def apply_eligibility_import(conn: asyncpg.Connection, state: CityState, import_id: int) -> int:
+    """Re-read the cards of every holder an eligibility import touched."""
+    holders = [
+        row[0]
+        for row in await conn.fetch(
+            "SELECT holder_id FROM eligibility WHERE import_id = $1", import_id, timeout=DB_COMMAND_TIMEOUT_S
+        )
+    ]
+    cards = 0
+    for start in range(0, len(holders), REFRESH_HOLDERS_PER_QUERY):
+        cards += await refresh_cards(conn, state, holders=holders[start : start + REFRESH_HOLDERS_PER_QUERY])
+    return cards
+
+
+class LiveChanges:
+    """Listens for rules and eligibility notices and applies them to the city.
+
+    Notices are applied one at a time, in arrival order, by one task: two
+    rules versions cannot interleave.
+    """
+
+    def __init__(self, dsn: str, state: CityState) -> None:
+        self._dsn = dsn
+        self._state = state
+        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+        self.applied = 0  # notices applied, for tests and logs
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="citycard-live-changes")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self._close()
+
+    async def _run(self) -> None:
+        delay = LISTEN_RETRY_MIN_S
+        first = True
+        while True:
+            try:
+                conn = await self._listen()
+                if not first:
+                    # Notices sent while nobody listened are gone: catch up in full.
+                    await apply_current_rules(conn, self._state)
+                    await refresh_cards(conn, self._state, uids=list(self._state.card_position))
+                    log.info("live changes: reconnected and caught up")
+                first = False
+                delay = LISTEN_RETRY_MIN_S
+                while not conn.is_closed():
+                    try:
+                        channel, payload = await asyncio.wait_for(self._queue.get(), LISTEN_RETRY_MAX_S)
+                    except TimeoutError:
+                        continue
+                    await self._apply(conn, channel, payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure: reconnect and catch up
+                log.warning("live changes: %r; reconnecting", error)
+            await self._close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY_MAX_S)
+
+    async def _listen(self) -> asyncpg.Connection:
+        conn = self._conn = await asyncpg.connect(
+            self._dsn, timeout=DB_COMMAND_TIMEOUT_S, server_settings={"application_name": "citycard-live"}
+        )
+        for channel in (RULES_CHANNEL, ELIGIBILITY_CHANNEL):
+            await conn.add_listener(channel, self._notified)
+        return conn
+
+    def _notified(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
+        self._queue.put_nowait((channel, payload))
+
+    async def _apply(self, conn: asyncpg.Connection, channel: str, payload: str) -> None:
+        if channel == RULES_CHANNEL:
+            version = await apply_current_rules(conn, self._state)
+            log.info("rules version %d in force", version, extra={"notified": payload})
+        elif channel == ELIGIBILITY_CHANNEL:
+            try:
+                import_id = int(payload)
+            except ValueError:
+                log.warning("eligibility notice with a bad payload %r: ignored", payload)
+                return
+            cards = await apply_eligibility_import(conn, self._state, import_id)
+            log.info("eligibility import %d applied to %d cards", import_id, cards)
+        self.applied += 1
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), DB_COMMAND_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - closing a connection that may be dead already
+                conn.terminate()
