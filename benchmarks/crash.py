@@ -329,6 +329,8 @@ async def start_engine(dsn: str, data_dir: Path, log_path: Path, *, unsafe: bool
             f"127.0.0.1:{port}",
             "--metrics",
             "off",
+            "--admin",
+            "off",
             "--dsn",
             dsn,
             "--data-dir",

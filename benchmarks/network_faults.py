@@ -265,6 +265,8 @@ async def start_engine(dsn: str, data_dir: Path, log_path: Path, metrics_port: i
             f"127.0.0.1:{port}",
             "--metrics",
             f"127.0.0.1:{metrics_port}",
+            "--admin",
+            "off",
             "--dsn",
             dsn,
             "--data-dir",

@@ -7,6 +7,7 @@
     citycard tap --terminal 1 --card 1234567890
     citycard terminal-key --terminal 1
     citycard status
+    citycard card block 1234567890 --reason lost     card-office operations (engine/cli_card.py)
 
 Every command that touches the database takes ``--dsn`` (or
 ``CITYCARD_DSN``); without one it starts the embedded PostgreSQL in
@@ -34,6 +35,8 @@ import orjson
 
 from engine import __version__, fastpath, logs
 from engine.blocking_client import BlockingTerminalClient
+from engine.cli_card import CARD_COMMANDS, add_card_commands
+from engine.cli_rules import add_rules_commands, run_rules_command
 from engine.client import AuthenticationError, ConnectionLost, EngineError
 from engine.db import DatabaseUnavailable, connect, default_data_dir, describe_dsn, resolve_database
 from engine.embedded_db import EmbeddedDatabaseError
@@ -44,6 +47,7 @@ from engine.server import Engine, EngineConfig, EngineStartError
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 DEFAULT_METRICS = "127.0.0.1:9700"
+DEFAULT_ADMIN = "127.0.0.1:9701"
 # The demo city is Gijón's size.
 DEMO_CARDS = 340_000
 
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _database_options(serve)
     serve.add_argument("--listen", default=DEFAULT_LISTEN, help=f"terminal port (default {DEFAULT_LISTEN})")
     serve.add_argument("--metrics", default=DEFAULT_METRICS, help="metrics HOST:PORT, or 'off'")
+    serve.add_argument("--admin", default=DEFAULT_ADMIN, help="card-office interface HOST:PORT, or 'off'")
     serve.add_argument("--batch-max", type=int, default=None, help="most decisions per commit")
     serve.add_argument("--naive", action="store_true", help="one commit per tap (for comparison only)")
     # The fault harness's negative control; needs CITYCARD_ALLOW_UNSAFE=1 too.
@@ -129,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="what the database holds, and whether the ledger balances")
     _database_options(status)
+
+    add_card_commands(commands)
+    add_rules_commands(commands)
     return parser
 
 
@@ -180,6 +188,8 @@ def _as_dict(value: object) -> object:
 def _engine_config(args: argparse.Namespace, dsn: str) -> EngineConfig:
     host, port = parse_address(args.listen, "--listen")
     metrics_host, metrics_port = ("", None) if args.metrics == "off" else parse_address(args.metrics, "--metrics")
+    admin = getattr(args, "admin", "off")
+    admin_host, admin_port = ("", None) if admin == "off" else parse_address(admin, "--admin")
     batch_max = getattr(args, "batch_max", None)
     if getattr(args, "naive", False):
         batch_max = 1
@@ -197,6 +207,8 @@ def _engine_config(args: argparse.Namespace, dsn: str) -> EngineConfig:
         listen_port=port,
         metrics_host=metrics_host or "127.0.0.1",
         metrics_port=metrics_port,
+        admin_host=admin_host or "127.0.0.1",
+        admin_port=admin_port,
         **options,  # type: ignore[arg-type]
     )
 
@@ -245,6 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     {
                         "listening": f"{config.listen_host}:{engine.port}",
                         "metrics": f"{config.metrics_host}:{engine.metrics_port}" if engine.metrics_port else None,
+                        "admin": f"{config.admin_host}:{engine.admin_port}" if engine.admin_port else None,
                         "database": describe_dsn(database.dsn),
                         "fastpath": fastpath.IMPLEMENTATION,
                     }
@@ -410,6 +423,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "tap": cmd_tap,
     "terminal-key": cmd_terminal_key,
     "status": cmd_status,
+    **CARD_COMMANDS,
+    "rules": run_rules_command,
 }
 
 

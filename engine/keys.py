@@ -6,6 +6,12 @@ so the engine can recompute any terminal's key from its id and the key
 version stored in ``terminals.key_version``; rotating a key is incrementing
 that version and provisioning the new key into the terminal.
 
+Card-office operators authenticate to the admin interface with a token
+derived the same way under another label,
+``hex(HMAC-SHA256(master, "citycard/v1/operator-token" || name))``: the
+engine stores no operator secret, and ``citycard admin-token NAME`` prints
+an operator's token for whoever holds the master secret.
+
 The master secret is 32 random bytes kept in ``<data dir>/master.key``
 (mode 0600, created on first use) or given in hex by ``CITYCARD_MASTER_KEY``.
 
@@ -19,9 +25,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import struct
 from pathlib import Path
+
+from engine.limits import OPERATOR_NAME_MAX_CHARS
 
 MASTER_KEY_BYTES = 32  # 256 bits, the HMAC-SHA256 block of security
 MASTER_KEY_FILE = "master.key"
@@ -29,6 +38,14 @@ MASTER_KEY_ENV = "CITYCARD_MASTER_KEY"
 
 _DERIVATION_LABEL = b"citycard/v1/terminal-key"
 _TERMINAL = struct.Struct(">IH")
+
+# Neither label is a prefix of the other, so no operator name can make an
+# operator token equal to a terminal key.
+_OPERATOR_LABEL = b"citycard/v1/operator-token"
+
+# Operator names end up in the audit trail, in logs and in an HTTP header:
+# a plain, bounded alphabet keeps them unambiguous in all three.
+_OPERATOR_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{OPERATOR_NAME_MAX_CHARS}}}")
 
 
 class MasterKeyError(Exception):
@@ -41,6 +58,28 @@ def derive_terminal_key(master: bytes, terminal_id: int, key_version: int) -> by
         raise ValueError(f"master key must be {MASTER_KEY_BYTES} bytes, got {len(master)}")
     message = _DERIVATION_LABEL + _TERMINAL.pack(terminal_id, key_version)
     return hmac.new(master, message, hashlib.sha256).digest()
+
+
+def is_operator_name(name: str) -> bool:
+    """True for 1..100 characters of ``A-Z a-z 0-9 . _ -``.
+
+    >>> is_operator_name("ana.garcia"), is_operator_name("ana garcia")
+    (True, False)
+    """
+    return _OPERATOR_NAME.fullmatch(name) is not None
+
+
+def derive_operator_token(master: bytes, operator: str) -> str:
+    """Return a card-office operator's token: 64 hex digits.
+
+    >>> len(derive_operator_token(bytes(32), "ana.garcia"))
+    64
+    """
+    if len(master) != MASTER_KEY_BYTES:
+        raise ValueError(f"master key must be {MASTER_KEY_BYTES} bytes, got {len(master)}")
+    if not is_operator_name(operator):
+        raise ValueError(f"operator name must be 1 to {OPERATOR_NAME_MAX_CHARS} of A-Z a-z 0-9 . _ -, got {operator!r}")
+    return hmac.new(master, _OPERATOR_LABEL + operator.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 def load_master_key(data_dir: Path, *, create: bool = True) -> bytes:

@@ -110,3 +110,38 @@ DB_POOL_MAX = 4
 
 # A statement that takes longer than this is treated as a database fault.
 DB_COMMAND_TIMEOUT_S = 30.0
+
+# --- Card office (admin interface) ------------------------------------------------
+
+# Operator names as the audit trail stores them (audit_log.actor: 1..100).
+OPERATOR_NAME_MAX_CHARS = 100
+
+# A card-office request body. The largest (an eligibility period) is about
+# 150 bytes of JSON; 4 KiB leaves room for growth while a client that sends
+# megabytes is refused before the engine reads them.
+ADMIN_BODY_MAX_BYTES = 4 * 1024
+
+# Waiting for a look-up pool connection. The pool is shared with the
+# terminals' record look-ups (DB_POOL_MAX); an operator would rather hear
+# "database busy" in 5 s than watch a request hang.
+ADMIN_POOL_ACQUIRE_S = 5.0
+
+# A card-office top-up is answered after its batch commits (milliseconds).
+# While the database is away the writer retries with backoff and answers
+# BUSY_RETRY when a batch fails; 10 s bounds the wait when neither happens,
+# and the top-up is then retried safely with the same sequence.
+ADMIN_TOPUP_WAIT_S = 10.0
+
+# Card-office top-ups whose event time is remembered, so that a retry of one
+# still in flight carries the same content and joins it instead of being
+# answered SEQUENCE_REUSED. A desk makes a few a minute; 1,024 is hours.
+ADMIN_TOPUPS_REMEMBERED = 1024
+
+# A change committed while the in-memory city could not be refreshed (the
+# database went away between the two) is re-read this often until it lands:
+# a blocked card must not stay usable until the next restart.
+ADMIN_REFRESH_RETRY_S = 1.0
+
+# How long stopping the engine waits for card-office requests in progress
+# (a top-up waits for its commit) before closing their connections.
+ADMIN_SHUTDOWN_S = 5.0

@@ -1,4 +1,4 @@
-"""A synthetic Gijón: profiles, services, tariffs, terminals, holders and cards.
+"""A synthetic Gijón: profiles, services, rules, terminals, holders and cards.
 
 Tests, benchmarks and load tests need a city shaped like the real one: about
 20 services with the bus taking three quarters of the traffic, concession
@@ -6,9 +6,13 @@ profiles in realistic proportions, a few hundred terminals, and (for the
 benchmarks) 340,000 cards. ``seed_city`` builds one, deterministically from a
 seed, in a single transaction, with bulk COPY so the full city takes seconds.
 
-Everything here is synthetic. Service names follow Gijón's municipal services;
-fares are illustrative integer cents in the range of the city's public price
-lists, not a copy of them (see SERVICES).
+Everything here is synthetic. Service names follow Gijón's municipal services.
+Fares, service kinds and policies come from the city's rules file
+(``rules/gijon.toml``, illustrative figures in the range of the city's public
+price lists), stored as rules version 1 by the same code as
+``citycard rules load``, so ``tariffs`` and ``services.kind`` are whatever
+that file says. Every concession holder gets an eligibility period around
+REFERENCE_DATE.
 
 Ids, chosen so that the engine's own ids never collide with them:
 
@@ -32,11 +36,13 @@ from __future__ import annotations
 import datetime
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 
 from engine.codes import CardStatus, TerminalKind
 from engine.limits import BALANCE_MAX_CENTS, DB_COMMAND_TIMEOUT_S
+from engine.rules import Rules, read_rules_file, write_rules
 
 DEFAULT_SEED = 2026
 
@@ -80,6 +86,40 @@ UID_MANUFACTURER_BYTE = 0x04
 # city whenever it runs.
 REFERENCE_DATE = datetime.date(2026, 1, 1)
 
+# The demo city's rules: fares, service kinds, transfers, caps, products.
+# Found from the repository root, like schema/ (engine/migrate.py).
+RULES_FILE = Path(__file__).resolve().parent.parent / "rules" / "gijon.toml"
+RULES_SOURCE_NAME = "rules/gijon.toml"
+RULES_ACTOR = "seed"
+
+# Where each concession comes from (eligibility.source): the municipal
+# record that proves it. A concession profile missing here is granted by the
+# card office.
+ELIGIBILITY_SOURCES: dict[str, str] = {
+    "student": "enrolment",
+    "young": "age",
+    "pensioner": "pension",
+    "unemployed": "unemployment",
+    "large_family": "large_family",
+    "disability": "disability",
+    "child": "age",
+}
+ELIGIBILITY_SOURCE_OTHERWISE = "office"
+
+# Eligibility periods, spread deterministically around REFERENCE_DATE. Each
+# began up to three years before it. RENEWAL_DUE_SHARE of them end within the
+# rules' renewal window after it, so the renewal warning shows on a few
+# concession taps; the rest end one to four years after it, so the city's
+# concessions stay valid for a year of demos after REFERENCE_DATE.
+RENEWAL_DUE_SHARE = 0.03
+ELIGIBILITY_STARTED_DAYS_MAX = 3 * 365
+ELIGIBILITY_REMAINING_DAYS_MIN = 366
+ELIGIBILITY_REMAINING_DAYS_MAX = 4 * 365
+
+# Eligibility is drawn from its own generator: the other draws of a seed
+# (uids, balances, statuses) do not depend on the eligibility policy.
+_ELIGIBILITY_SEED_SALT = "eligibility"
+
 
 @dataclass(frozen=True, slots=True)
 class Profile:
@@ -111,21 +151,15 @@ PROFILES: tuple[Profile, ...] = (
     Profile(7, "child", "Infantil", 0.02, 4, 11),
 )
 
-NO = None  # this service does not serve that profile: no tariff row
-
-# Fares by profile, in the order of PROFILES:
-#   standard, student, young, pensioner, unemployed, large_family, disability, child
-FREE = (0, 0, 0, 0, 0, 0, 0, 0)  # identification only: the tap debits nothing
-
 
 @dataclass(frozen=True, slots=True)
 class Service:
-    """A municipal service: its fares, its terminals and its share of traffic."""
+    """A municipal service: its terminals and its share of traffic. Its fares
+    and kind are in the rules file (RULES_FILE), under the same code."""
 
     id: int
     code: str
     name: str
-    fares: tuple[int | None, ...]  # cents by profile id; None = not served
     terminals: int
     terminal_kind: TerminalKind
     traffic_permille: int  # share of all taps, for load generators
@@ -133,58 +167,34 @@ class Service:
 
 # About 20 services modelled on Gijón's card services. The bus (EMTUSA) takes
 # ~3/4 of uses; libraries, pools and sports centres most of the rest.
-# Terminal counts are sized to the brief: a few hundred bus validators, and
-# gates or validators per site elsewhere.
+# Terminal counts: a few hundred bus validators, and gates or validators per
+# site elsewhere.
 _VALIDATOR = TerminalKind.VALIDATOR
 _KIOSK = TerminalKind.KIOSK
 
 SERVICES: tuple[Service, ...] = (
-    # id, code, name
-    #     fares by profile, terminals, terminal kind, traffic permille
-    Service(0, "bus", "Autobús urbano (EMTUSA)",
-            (100, 50, 60, 30, 30, 60, 30, 0), 240, _VALIDATOR, 750),
-    Service(1, "library_access", "Bibliotecas municipales: acceso",
-            FREE, 24, _VALIDATOR, 50),
-    Service(2, "library_loans", "Bibliotecas municipales: préstamo",
-            FREE, 12, _VALIDATOR, 20),
-    Service(3, "pools", "Piscinas municipales",
-            (400, 250, 250, 200, 150, 250, 150, 150), 14, _VALIDATOR, 40),
-    Service(4, "sports_centres", "Polideportivos municipales",
-            (350, 220, 220, 180, 120, 220, 120, 120), 20, _VALIDATOR, 40),
-    Service(5, "sports_courts", "Pistas deportivas (reserva)",
-            (600, 400, 400, 300, 300, 400, 300, 300), 8, _VALIDATOR, 5),
-    # Nobody under 12 parks a car or rides a public bike alone: no child tariff.
-    Service(6, "parking", "Aparcamientos municipales",
-            (150, 150, 150, 150, 150, 150, 75, NO), 16, _VALIDATOR, 20),
-    Service(7, "street_parking", "Estacionamiento regulado (ORA)",
-            (120, 120, 120, 120, 120, 120, 0, NO), 30, _VALIDATOR, 10),
-    Service(8, "bikes", "Gijón-Bici (bicicleta pública)",
-            (50, 25, 25, 25, 25, 25, 25, NO), 30, _VALIDATOR, 20),
-    Service(9, "museums", "Museos municipales",
-            (250, 120, 120, 120, 0, 120, 0, 0), 8, _VALIDATOR, 5),
-    Service(10, "botanic_garden", "Jardín Botánico Atlántico",
-            (300, 150, 150, 150, 0, 150, 0, 0), 2, _VALIDATOR, 3),
-    Service(11, "civic_centres", "Centros municipales integrados",
-            FREE, 14, _VALIDATOR, 10),
-    Service(12, "courses", "Universidad Popular (cursos)",
-            FREE, 4, _VALIDATOR, 3),
-    # Play rooms are for children, senior centres for pensioners: one profile each.
-    Service(13, "play_rooms", "Ludotecas",
-            (NO, NO, NO, NO, NO, NO, NO, 0), 6, _VALIDATOR, 2),
-    Service(14, "senior_centres", "Centros sociales de personas mayores",
-            (NO, NO, NO, 0, NO, NO, NO, NO), 8, _VALIDATOR, 4),
-    Service(15, "recycling_points", "Puntos limpios (EMULSA)",
-            FREE, 6, _VALIDATOR, 3),
-    Service(16, "telecentres", "Telecentros (acceso a internet)",
-            FREE, 10, _VALIDATOR, 2),
-    Service(17, "register_office", "Registro y padrón (identificación)",
-            FREE, 4, _VALIDATOR, 2),
-    # Kiosks and ATMs take top-ups and issue certificates: identification
-    # taps debit nothing; their money comes in through the funding account.
-    Service(18, "kiosks", "Puntos de atención ciudadana (quioscos)",
-            FREE, 24, _KIOSK, 7),
-    Service(19, "atms", "Cajeros ciudadanos",
-            FREE, 12, _KIOSK, 4),
+    # id, code, name, terminals, terminal kind, traffic permille
+    Service(0, "bus", "Autobús urbano (EMTUSA)", 240, _VALIDATOR, 750),
+    Service(1, "library_access", "Bibliotecas municipales: acceso", 24, _VALIDATOR, 50),
+    Service(2, "library_loans", "Bibliotecas municipales: préstamo", 12, _VALIDATOR, 20),
+    Service(3, "pools", "Piscinas municipales", 14, _VALIDATOR, 40),
+    Service(4, "sports_centres", "Polideportivos municipales", 20, _VALIDATOR, 40),
+    Service(5, "sports_courts", "Pistas deportivas (reserva)", 8, _VALIDATOR, 5),
+    Service(6, "parking", "Aparcamientos municipales", 16, _VALIDATOR, 20),
+    Service(7, "street_parking", "Estacionamiento regulado (ORA)", 30, _VALIDATOR, 10),
+    Service(8, "bikes", "Gijón-Bici (bicicleta pública)", 30, _VALIDATOR, 20),
+    Service(9, "museums", "Museos municipales", 8, _VALIDATOR, 5),
+    Service(10, "botanic_garden", "Jardín Botánico Atlántico", 2, _VALIDATOR, 3),
+    Service(11, "civic_centres", "Centros municipales integrados", 14, _VALIDATOR, 10),
+    Service(12, "courses", "Universidad Popular (cursos)", 4, _VALIDATOR, 3),
+    Service(13, "play_rooms", "Ludotecas", 6, _VALIDATOR, 2),
+    Service(14, "senior_centres", "Centros sociales de personas mayores", 8, _VALIDATOR, 4),
+    Service(15, "recycling_points", "Puntos limpios (EMULSA)", 6, _VALIDATOR, 3),
+    Service(16, "telecentres", "Telecentros (acceso a internet)", 10, _VALIDATOR, 2),
+    Service(17, "register_office", "Registro y padrón (identificación)", 4, _VALIDATOR, 2),
+    # Kiosks and ATMs take top-ups: their money comes in through the funding account.
+    Service(18, "kiosks", "Puntos de atención ciudadana (quioscos)", 24, _KIOSK, 7),
+    Service(19, "atms", "Cajeros ciudadanos", 12, _KIOSK, 4),
 )  # fmt: skip
 
 
@@ -207,6 +217,9 @@ class SeedSummary:
     cards_not_active: int
     cards_by_profile: tuple[int, ...]  # indexed by profile id
     opening_balance_cents: int  # total credited to cards, debited to funding
+    eligibility: int  # concession holders, each with one eligibility period
+    renewal_due: int  # of those, periods ending within the renewal window
+    rules_version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,9 +248,12 @@ class CardSample:
     balance_cents: int
 
 
-async def seed_city(conn: asyncpg.Connection, cards: int, *, seed: int = DEFAULT_SEED) -> SeedSummary:
+async def seed_city(
+    conn: asyncpg.Connection, cards: int, *, seed: int = DEFAULT_SEED, rules: Rules | None = None
+) -> SeedSummary:
     """Write a synthetic city with ``cards`` holders (one card each) into an
-    empty, migrated database, in one transaction.
+    empty, migrated database, in one transaction. ``rules`` (default: read
+    from RULES_FILE) must cover exactly the services of SERVICES.
 
     Example::
 
@@ -246,15 +262,17 @@ async def seed_city(conn: asyncpg.Connection, cards: int, *, seed: int = DEFAULT
     """
     if not 0 <= cards <= CARDS_MAX:
         raise ValueError(f"cards must be between 0 and {CARDS_MAX}, got {cards}")
-    city = _generate(cards, seed)
+    if rules is None:
+        rules = read_rules_file(RULES_FILE)
+    city = _generate(cards, seed, rules)
     async with conn.transaction():
         # A second seeder waits here, then finds the first one's cards.
         await conn.execute("LOCK TABLE cards, services IN SHARE ROW EXCLUSIVE MODE")
         if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM cards) OR EXISTS (SELECT 1 FROM services)"):
             raise AlreadySeeded("the database already has services or cards; seed a fresh database")
-        await _write(conn, city)
+        await _write(conn, city, rules)
     # Fresh statistics, so the first queries on 340,000 cards are planned well.
-    await conn.execute("ANALYZE holders, accounts, cards, ledger_entries")
+    await conn.execute("ANALYZE holders, accounts, cards, ledger_entries, eligibility")
     return city.summary
 
 
@@ -299,10 +317,11 @@ class _City:
     cards: list[tuple[int, int, int, int]]
     entries: list[tuple[int, int, int]]
     terminals: list[tuple[int, int, int, str, int | None]]
+    eligibility: list[tuple[int, int, str, datetime.date, datetime.date]]
     summary: SeedSummary
 
 
-def _generate(cards: int, seed: int) -> _City:
+def _generate(cards: int, seed: int, rules: Rules) -> _City:
     rng = random.Random(seed)
     profile_of = _profile_column(cards, rng)
 
@@ -347,12 +366,14 @@ def _generate(cards: int, seed: int) -> _City:
     if total:
         entries.append((OPENING_TRANSFER_ID, FUNDING_ACCOUNT_ID, -total))
 
+    eligibility = _eligibility(holders, seed, rules)
+    renewal_window_end = REFERENCE_DATE + datetime.timedelta(days=rules.concessions.renewal_window_days)
     terminals = _terminals()
     summary = SeedSummary(
         seed=seed,
         profiles=len(PROFILES),
         services=len(SERVICES),
-        tariffs=sum(fare is not None for service in SERVICES for fare in service.fares),
+        tariffs=sum(len(service.fares) for service in rules.services),
         terminals=len(terminals),
         kiosks=sum(1 for terminal in terminals if terminal[2] == TerminalKind.KIOSK),
         holders=cards,
@@ -360,8 +381,41 @@ def _generate(cards: int, seed: int) -> _City:
         cards_not_active=not_active,
         cards_by_profile=tuple(by_profile),
         opening_balance_cents=total,
+        eligibility=len(eligibility),
+        renewal_due=sum(1 for row in eligibility if row[4] <= renewal_window_end),
+        rules_version=rules.version,
     )
-    return _City(holders, accounts, card_rows, entries, terminals, summary)
+    return _City(holders, accounts, card_rows, entries, terminals, eligibility, summary)
+
+
+def _eligibility(
+    holders: list[tuple[int, int, datetime.date]], seed: int, rules: Rules
+) -> list[tuple[int, int, str, datetime.date, datetime.date]]:
+    """(holder_id, profile_id, source, valid_from, valid_until) for every
+    holder whose profile is a concession."""
+    rng = random.Random(f"{seed}:{_ELIGIBILITY_SEED_SALT}")
+    window_days = max(1, rules.concessions.renewal_window_days)
+    reference_day = REFERENCE_DATE.toordinal()
+    standard = rules.concessions.standard_profile
+    source_of = {
+        profile.id: ELIGIBILITY_SOURCES.get(profile.code, ELIGIBILITY_SOURCE_OTHERWISE)
+        for profile in PROFILES
+        if profile.code != standard
+    }
+    rows: list[tuple[int, int, str, datetime.date, datetime.date]] = []
+    for holder_id, profile_id, _birth in holders:
+        source = source_of.get(profile_id)
+        if source is None:
+            continue
+        if rng.random() < RENEWAL_DUE_SHARE:
+            remaining = rng.randint(1, window_days)
+        else:
+            remaining = rng.randint(ELIGIBILITY_REMAINING_DAYS_MIN, ELIGIBILITY_REMAINING_DAYS_MAX)
+        started = rng.randint(1, ELIGIBILITY_STARTED_DAYS_MAX)
+        valid_from = datetime.date.fromordinal(reference_day - started)
+        valid_until = datetime.date.fromordinal(reference_day + remaining)
+        rows.append((holder_id, profile_id, source, valid_from, valid_until))
+    return rows
 
 
 def _profile_column(cards: int, rng: random.Random) -> list[int]:
@@ -394,7 +448,7 @@ def _terminals() -> list[tuple[int, int, int, str, int | None]]:
     return rows
 
 
-async def _write(conn: asyncpg.Connection, city: _City) -> None:
+async def _write(conn: asyncpg.Connection, city: _City, rules: Rules) -> None:
     await conn.executemany(
         "INSERT INTO profiles (id, code, name) VALUES ($1, $2, $3)",
         [(profile.id, profile.code, profile.name) for profile in PROFILES],
@@ -413,16 +467,8 @@ async def _write(conn: asyncpg.Connection, city: _City) -> None:
         "INSERT INTO services (id, code, name, revenue_account_id) VALUES ($1, $2, $3, $4)",
         [(service.id, service.code, service.name, REVENUE_ACCOUNT_BASE + service.id) for service in SERVICES],
     )
-    await conn.copy_records_to_table(
-        "tariffs",
-        records=[
-            (service.id, profile_id, fare)
-            for service in SERVICES
-            for profile_id, fare in enumerate(service.fares)
-            if fare is not None
-        ],
-        columns=("service_id", "profile_id", "fare_cents"),
-    )
+    # Service kinds and tariffs, the rules' record, its audit row: as a load would.
+    await write_rules(conn, rules, actor=RULES_ACTOR, source_name=RULES_SOURCE_NAME)
     await conn.copy_records_to_table(
         "terminals", records=city.terminals, columns=("id", "service_id", "kind", "name", "funding_account_id")
     )
@@ -431,6 +477,12 @@ async def _write(conn: asyncpg.Connection, city: _City) -> None:
         records=city.holders,
         columns=("id", "profile_id", "birth_date"),
         timeout=_bulk_timeout(len(city.holders)),
+    )
+    await conn.copy_records_to_table(
+        "eligibility",
+        records=city.eligibility,
+        columns=("holder_id", "profile_id", "source", "valid_from", "valid_until"),
+        timeout=_bulk_timeout(len(city.eligibility)),
     )
     await conn.copy_records_to_table(
         "cards",

@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 import msgspec
 
+from engine.admin import AdminServer
 from engine.db import create_pool
 from engine.fd_limit import ensure_descriptors
 from engine.health import DatabaseProbe, EngineHealth
@@ -59,6 +60,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     listen_port: int = 7700
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    # The card office's HTTP interface (engine/admin.py); None: not served.
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
     batch_taps_max: int = BATCH_TAPS_MAX
     writer_queue_max: int = WRITER_QUEUE_MAX
     max_connections: int = MAX_CONNECTIONS
@@ -115,6 +119,8 @@ class Engine:
         self._live: LiveChanges | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.admin: AdminServer | None = None
+        self.admin_port: int | None = None
         # Set when the engine can no longer be trusted to answer (the writer
         # died on a bug): the process should stop and be restarted.
         self.failed = asyncio.Event()
@@ -201,6 +207,17 @@ class Engine:
                 raise EngineStartError(
                     f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {error}"
                 ) from None
+        if config.admin_port is not None:
+            assert self._pool is not None
+            self.admin = AdminServer(state, processor, self._pool, master_key, self.metrics.registry)
+            try:
+                self.admin_port = await self.admin.start(config.admin_host, config.admin_port)
+            except OSError as error:
+                await self.stop()
+                where = f"{config.admin_host}:{config.admin_port}"
+                if error.errno == errno.EADDRINUSE:
+                    raise EngineStartError(f"admin port {where} is already in use") from None
+                raise EngineStartError(f"cannot serve the admin interface on {where}: {error}") from None
         log.info(
             "engine started",
             extra={"port": self.port, "cards": state.card_count(), "terminals": len(state.terminals)},
@@ -261,6 +278,8 @@ class Engine:
             self.context.accepting = False
         if self._server is not None:
             self._server.close()
+        # Before the writer stops: a card-office top-up in progress waits for its commit.
+        await self._stop_admin()
         if self.processor is not None:
             await self.processor.drain()
         if self.writer is not None and self._writer_task is not None:
@@ -278,7 +297,13 @@ class Engine:
             await self._server.wait_closed()
         await self._abort()
 
+    async def _stop_admin(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+
     async def _abort(self) -> None:
+        await self._stop_admin()
         if self._live is not None:
             await self._live.stop()
         await self._stop_health()

@@ -53,7 +53,7 @@ echo "== seed $cards cards in $dir"
 .venv/bin/citycard seed --cards "$cards" --data-dir "$dir" >"$dir/seed.out"
 
 echo "== serve"
-.venv/bin/citycard serve --listen 127.0.0.1:0 --metrics off --data-dir "$dir" \
+.venv/bin/citycard serve --listen 127.0.0.1:0 --metrics off --admin off --data-dir "$dir" \
     >"$dir/engine.out" 2>"$dir/engine.err" &
 engine_pid=$!
 address=""

@@ -117,8 +117,7 @@ async def add_card(
             transfer = -number  # opening transfers use negative ids, apart from the engine's
             await conn.execute("INSERT INTO ledger_transfers (id, kind) VALUES ($1, 3)", transfer)
             await conn.execute(
-                "INSERT INTO ledger_entries (transfer_id, account_id, amount_cents)"
-                " VALUES ($1, $2, $3), ($1, $4, $5)",
+                "INSERT INTO ledger_entries (transfer_id, account_id, amount_cents) VALUES ($1, $2, $3), ($1, $4, $5)",
                 transfer,
                 number,
                 balance,
@@ -175,6 +174,16 @@ class EngineUnderTest:
     def port(self) -> int:
         assert self.engine is not None
         return self.engine.port
+
+    @property
+    def admin_port(self) -> int:
+        """The card-office interface's port, for an engine started with ``admin_port=0``."""
+        assert self.engine is not None and self.engine.admin_port is not None, "start the engine with admin_port=0"
+        return self.engine.admin_port
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     async def client(self, terminal_id: int = BUS_VALIDATOR, key_version: int = 1) -> TerminalClient:
         client = await TerminalClient.connect(

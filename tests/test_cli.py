@@ -132,18 +132,37 @@ def test_port_in_use(seeded_dsn: str, tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = citycard(
-            "serve", "--listen", f"127.0.0.1:{port}", "--metrics", "off", "--dsn", seeded_dsn, data_dir=tmp_path
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics",
+            "off",
+            "--admin",
+            "off",
+            "--dsn",
+            seeded_dsn,
+            data_dir=tmp_path,
         )
     assert result.returncode == 1
     assert "already in use" in result.stderr
 
 
-def test_serve_tap_and_terminal_key(
-    seeded_dsn: str, tmp_path: Path, served: Callable[[list[str]], Served]
-) -> None:
+def test_serve_tap_and_terminal_key(seeded_dsn: str, tmp_path: Path, served: Callable[[list[str]], Served]) -> None:
     port = free_port()
     engine = served(
-        ["serve", "--listen", f"127.0.0.1:{port}", "--metrics", "off", "--dsn", seeded_dsn, "--data-dir", str(tmp_path)]
+        [
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics",
+            "off",
+            "--admin",
+            "off",
+            "--dsn",
+            seeded_dsn,
+            "--data-dir",
+            str(tmp_path),
+        ]
     )
     banner = json.loads(engine.wait_for("listening"))
     assert banner["listening"] == f"127.0.0.1:{port}"
@@ -187,8 +206,20 @@ def test_demo_on_the_embedded_database(tmp_path: Path, served: Callable[[list[st
     data_dir = tmp_path / "var"
     demo = Served.__new__(Served)
     demo.process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "demo", "--cards", "500", "--data-dir", str(data_dir),
-         "--listen", f"127.0.0.1:{port}", "--metrics", "off"],
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "demo",
+            "--cards",
+            "500",
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics",
+            "off",
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

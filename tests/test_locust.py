@@ -96,7 +96,8 @@ def test_doctests_of_the_load_suite() -> None:
 @pytest.fixture
 def engine_address(seeded_dsn: str, tmp_path: Path) -> Iterator[str]:
     """``citycard serve`` on the seeded city, on a port of its choosing."""
-    serve = ["serve", "--listen", "127.0.0.1:0", "--metrics", "off", "--dsn", seeded_dsn, "--data-dir", str(tmp_path)]
+    serve = ["serve", "--listen", "127.0.0.1:0", "--metrics", "off", "--admin", "off", "--dsn", seeded_dsn]
+    serve += ["--data-dir", str(tmp_path)]
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", *serve],
         cwd=REPO,

@@ -1,18 +1,24 @@
-"""The synthetic city: shape, determinism and a ledger that explains every balance."""
+"""The synthetic city: shape, determinism, a ledger that explains every balance,
+tariffs from the rules file and an eligibility period for every concession."""
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 
 import pytest
 
 from engine.codes import CardStatus, TerminalKind
 from engine.db import connect
+from engine.rules import read_rules_file, rules_sha256
 from engine.seed import (
+    ELIGIBILITY_SOURCES,
     FUNDING_ACCOUNT_ID,
     FUNDING_FLOOR_CENTS,
     OPENING_MAX_CENTS,
     PROFILES,
+    REFERENCE_DATE,
+    RULES_FILE,
     SERVICES,
     AlreadySeeded,
     list_terminals,
@@ -24,6 +30,10 @@ from engine.seed import (
 # The ~1% of blocked or lost cards is drawn at random: in a few thousand cards
 # the share lands within a factor of three of it.
 NOT_ACTIVE_SHARE_RANGE = (0.003, 0.03)
+
+# The ~3% of concessions due for renewal, likewise, among ~1,800 concession
+# holders of a 4,000-card city.
+RENEWAL_DUE_SHARE_RANGE = (0.015, 0.05)
 
 
 async def test_counts_match_the_city(seeded_dsn: str, seeded_cards: int) -> None:
@@ -207,3 +217,51 @@ async def test_sample_cards_is_repeatable(seeded_dsn: str, seeded_cards: int) ->
     assert len({card.uid for card in sample}) == 20
     assert all(card.status == CardStatus.ACTIVE for card in sample)
     assert len(everything) == seeded_cards
+
+
+async def test_tariffs_and_kinds_come_from_the_rules_file(seeded_dsn: str) -> None:
+    rules = read_rules_file(RULES_FILE)
+    conn = await connect(seeded_dsn)
+    try:
+        fares = {
+            (row[0], row[1]): row[2]
+            for row in await conn.fetch(
+                "SELECT s.code, p.code, t.fare_cents FROM tariffs t"
+                " JOIN services s ON s.id = t.service_id JOIN profiles p ON p.id = t.profile_id"
+            )
+        }
+        kinds = dict(await conn.fetch("SELECT code, kind FROM services"))
+        stored = await conn.fetch("SELECT version, sha256, loaded_by FROM rules_versions")
+        audit = await conn.fetch("SELECT actor, action, subject FROM audit_log")
+    finally:
+        await conn.close()
+    assert fares == {(item.code, profile): fare for item in rules.services for profile, fare in item.fares.items()}
+    assert kinds == {item.code: item.service_kind for item in rules.services}
+    assert [tuple(row) for row in stored] == [(1, rules_sha256(rules), "seed")]
+    assert [tuple(row) for row in audit] == [("seed", "rules.load", "rules:1")]
+
+
+async def test_every_concession_holder_is_eligible_for_a_while(fresh_db: Callable[..., str]) -> None:
+    cards = 4000
+    rules = read_rules_file(RULES_FILE)
+    conn = await connect(fresh_db())
+    try:
+        summary = await seed_city(conn, cards)
+        rows = await conn.fetch(
+            "SELECT h.profile_id AS holder_profile, e.profile_id, e.source, e.valid_from, e.valid_until"
+            " FROM holders h LEFT JOIN eligibility e ON e.holder_id = h.id"
+        )
+    finally:
+        await conn.close()
+    code_of = {profile.id: profile.code for profile in PROFILES}
+    standard = [row for row in rows if code_of[row["holder_profile"]] == "standard"]
+    concessions = [row for row in rows if code_of[row["holder_profile"]] != "standard"]
+    assert all(row["profile_id"] is None for row in standard)
+    assert concessions and all(row["profile_id"] == row["holder_profile"] for row in concessions)
+    assert {code_of[row["profile_id"]]: row["source"] for row in concessions} == ELIGIBILITY_SOURCES
+    assert all(row["valid_from"] < REFERENCE_DATE < row["valid_until"] for row in concessions)
+    window_end = REFERENCE_DATE + datetime.timedelta(days=rules.concessions.renewal_window_days)
+    due = sum(1 for row in concessions if row["valid_until"] <= window_end)
+    low, high = RENEWAL_DUE_SHARE_RANGE
+    assert low <= due / len(concessions) <= high
+    assert (summary.eligibility, summary.renewal_due, summary.rules_version) == (len(concessions), due, 1)
