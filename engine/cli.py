@@ -8,6 +8,10 @@
     citycard terminal-key --terminal 1
     citycard status
     citycard card block 1234567890 --reason lost     card-office operations (engine/cli_card.py)
+    citycard rules load rules/gijon.toml --actor NAME  a new rules version (engine/cli_rules.py)
+    citycard eligibility import registry.csv --actor NAME
+    citycard report daily --date 2026-11-30
+    citycard reconcile                                 balances against the ledger (engine/cli_office.py)
 
 Every command that touches the database takes ``--dsn`` (or
 ``CITYCARD_DSN``); without one it starts the embedded PostgreSQL in
@@ -36,6 +40,7 @@ import orjson
 from engine import __version__, fastpath, logs
 from engine.blocking_client import BlockingTerminalClient
 from engine.cli_card import CARD_COMMANDS, add_card_commands
+from engine.cli_office import OFFICE_COMMANDS, add_office_commands
 from engine.cli_rules import add_rules_commands, run_rules_command
 from engine.client import AuthenticationError, ConnectionLost, EngineError
 from engine.db import DatabaseUnavailable, connect, default_data_dir, describe_dsn, resolve_database
@@ -137,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_card_commands(commands)
     add_rules_commands(commands)
+    add_office_commands(commands)
     return parser
 
 
@@ -425,6 +431,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     **CARD_COMMANDS,
     "rules": run_rules_command,
+    **OFFICE_COMMANDS,
 }
 
 
