@@ -192,6 +192,7 @@ class Answer(NamedTuple):
     result: int
     amount_cents: int
     balance_cents: int
+    info: int
 
 
 @dataclass(slots=True, eq=False)
@@ -516,7 +517,7 @@ async def send(client: TerminalClient, request: Request) -> Answer:
         )
     if reply.terminal_seq != request.seq:
         raise EngineError(0, f"reply for seq {reply.terminal_seq} to a request with seq {request.seq}")
-    return Answer(int(reply.result), reply.amount_cents, reply.balance_cents)
+    return Answer(int(reply.result), reply.amount_cents, reply.balance_cents, int(reply.info))
 
 
 class Harness:
@@ -759,10 +760,11 @@ class Harness:
             and row["result"] == answer.result
             and row["amount_cents"] == answer.amount_cents
             and row["balance_cents"] == answer.balance_cents
+            and row["info"] == answer.info
         )
         if matches:
             return
-        seen = None if row is None else [row["result"], row["amount_cents"], row["balance_cents"]]
+        seen = None if row is None else [row["result"], row["amount_cents"], row["balance_cents"], row["info"]]
         if answer.result == _APPROVED:
             self.tally.lost_keys.add(request.key)
             self.note_first_loss(cycle, "acknowledged approval missing or different", request, seen)
@@ -806,7 +808,7 @@ async def records(conn: asyncpg.Connection, keys: Iterable[tuple[int, int]]) -> 
     if not keys:
         return {}
     rows = await conn.fetch(
-        "SELECT t.terminal_id, t.terminal_seq, t.result, t.amount_cents, t.balance_cents"
+        "SELECT t.terminal_id, t.terminal_seq, t.result, t.amount_cents, t.balance_cents, t.info"
         " FROM taps t JOIN unnest($1::int4[], $2::int8[]) AS k(terminal_id, terminal_seq)"
         " USING (terminal_id, terminal_seq)",
         [k[0] for k in keys],
@@ -824,7 +826,7 @@ async def audit_database(conn: asyncpg.Connection, harness: Harness) -> dict[str
     rows = await conn.fetch(
         "SELECT terminal_id, terminal_seq, kind, card_uid, card_counter, tap_flags, requested_cents,"
         " (extract(epoch FROM event_time) * 1000)::int8 AS event_ms,"
-        " result, amount_cents, balance_cents, account_id FROM taps"
+        " result, amount_cents, balance_cents, info, account_id FROM taps"
     )
     # Every answer against the final record too (a record could change later).
     by_key = {(row["terminal_id"], row["terminal_seq"]): row for row in rows}

@@ -49,6 +49,7 @@ from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from libc.math cimport asin, cos, sin, sqrt, M_PI
 
 cimport cython
 
@@ -58,7 +59,9 @@ import hmac as _hmac
 
 __all__ = [
     "BODY_SIZES",
+    "CAP_GROUPS_MAX",
     "CARD_STATUS_ACTIVE",
+    "CARD_STATUS_BLOCKED",
     "ENGINE_PROOF_LABEL",
     "ERROR_BODY_MIN_BYTES",
     "ERROR_TEXT_MAX_BYTES",
@@ -79,8 +82,12 @@ __all__ = [
     "ERR_UNKNOWN_TYPE",
     "ERR_UNSUPPORTED_VERSION",
     "FRAME_HEADER_BYTES",
+    "INFO_CAPPED",
     "INFO_CONCESSION_NOT_VALID",
     "INFO_RENEWAL_DUE",
+    "INFO_SHARING_SUSPECTED",
+    "INFO_SHOW_ID",
+    "INFO_TRANSFER",
     "LEDGER_FARE",
     "LEDGER_OPENING",
     "LEDGER_REVERSAL",
@@ -102,20 +109,33 @@ __all__ = [
     "MS_PER_DAY",
     "NONCE_BYTES",
     "NO_ACCOUNT",
+    "NO_CAP",
+    "NO_COUNTER",
     "NO_FARE",
     "NO_PROFILE",
     "OPERATION_REVERSAL",
     "OPERATION_TAP",
     "OPERATION_TOPUP",
+    "POLICY_CAP_GROUP",
+    "POLICY_FIELDS",
+    "POLICY_KIND",
+    "POLICY_MAX_CHARGE",
+    "POLICY_MIN_BALANCE",
+    "POLICY_PASSBACK_MS",
+    "POLICY_TOLERATED_NEGATIVE",
+    "POLICY_TRANSFER",
     "PROOF_BYTES",
     "PROTOCOL_VERSION",
     "RESULT_ALREADY_REVERSED",
+    "RESULT_ALREADY_VALIDATED",
     "RESULT_APPROVED",
     "RESULT_BALANCE_LIMIT",
     "RESULT_BUSY_RETRY",
     "RESULT_CARD_NOT_ACTIVE",
+    "RESULT_CLONE_SUSPECTED",
     "RESULT_INSUFFICIENT_FUNDS",
     "RESULT_INVALID_AMOUNT",
+    "RESULT_MINIMUM_BALANCE",
     "RESULT_ORIGINAL_NOT_FOUND",
     "RESULT_PROTOCOL_ERROR",
     "RESULT_REVERSAL_WINDOW_EXPIRED",
@@ -129,6 +149,7 @@ __all__ = [
     "TERMINAL_KEY_BYTES",
     "TERMINAL_PROOF_LABEL",
     "TOPUP_MAX_CENTS",
+    "Activity",
     "Decision",
     "FrameReader",
     "Original",
@@ -147,6 +168,7 @@ __all__ = [
     "decode_tap",
     "decode_tap_result",
     "decode_topup",
+    "distance_m",
     "encode_auth",
     "encode_auth_ok",
     "encode_batch",
@@ -160,7 +182,9 @@ __all__ = [
     "encode_tap_result",
     "encode_topup",
     "engine_proof",
+    "month_of_day",
     "request_fingerprint",
+    "show_id_sampled",
     "terminal_proof",
 ]
 
@@ -213,6 +237,9 @@ cpdef enum:
     RESULT_REVERSAL_WINDOW_EXPIRED = 23
     RESULT_ALREADY_REVERSED = 24
     RESULT_INSUFFICIENT_FUNDS = 25
+    RESULT_CLONE_SUSPECTED = 26
+    RESULT_ALREADY_VALIDATED = 27
+    RESULT_MINIMUM_BALANCE = 28
     RESULT_BUSY_RETRY = 64
     RESULT_SEQUENCE_REUSED = 65
     RESULT_PROTOCOL_ERROR = 66
@@ -245,7 +272,7 @@ cdef enum:
     _TAP_BODY = 29  # seq u64, uid u64, counter u32, time u64, flags u8
     _TOPUP_BODY = 28  # seq u64, uid u64, amount u32, time u64
     _REVERSAL_BODY = 24  # seq u64, original_seq u64, time u64
-    _TAP_RESULT_BODY = 21  # seq u64, result u8, amount i32, balance i64
+    _TAP_RESULT_BODY = 23  # seq u64, result u8, amount i32, balance i64, info u16
     _PING_BODY = 8  # payload u64
     # _body_size() answers for a type that is not a message type at all, and
     # for ERROR, whose body size depends on its text_length field.
@@ -798,16 +825,23 @@ def encode_reversal(request_id, terminal_seq, original_seq, event_time_ms):
     return frame
 
 
-def encode_tap_result(request_id, terminal_seq, result, amount_cents, balance_cents):
+def encode_tap_result(
+    request_id, terminal_seq, result, amount_cents, balance_cents, info=0,
+):
     """TAP_RESULT: the outcome of a TAP, TOPUP or REVERSAL.
 
-    >>> decode_tap_result(encode_tap_result(1, 1001, 0, 150, -35)[12:])
-    (1001, 0, 150, -35)
+    ``info`` holds the engine.codes.TapInfo bits that tell the terminal
+    why (a concession not valid, an ID to show, ...); 0 for a reply that
+    is not a decision.
+
+    >>> decode_tap_result(encode_tap_result(1, 1001, 0, 150, -35, 0x03)[12:])
+    (1001, 0, 150, -35, 3)
     """
     _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
     _check_unsigned("result", result, _U8_MAX, "u8")
     _check_signed("amount_cents", amount_cents, _I32_MIN, _I32_MAX, "i32")
     _check_signed("balance_cents", balance_cents, _I64_MIN, _I64_MAX, "i64")
+    _check_unsigned("info", info, _U16_MAX, "u16")
     cdef bytes frame = _new_frame(MSG_TAP_RESULT, request_id, _TAP_RESULT_BODY)
     cdef unsigned char* p = _frame_body(frame)
     _put64(p, <uint64_t>terminal_seq)
@@ -815,6 +849,7 @@ def encode_tap_result(request_id, terminal_seq, result, amount_cents, balance_ce
     # Two's complement, as the protocol's i32/i64 require.
     _put32(p + 9, <uint32_t><int32_t>amount_cents)
     _put64(p + 13, <uint64_t><int64_t>balance_cents)
+    _put16(p + 21, <uint16_t>info)
     return frame
 
 
@@ -940,7 +975,8 @@ def decode_reversal(body):
 
 
 def decode_tap_result(body):
-    """TAP_RESULT body -> (terminal_seq, result, amount_cents, balance_cents)."""
+    """TAP_RESULT body -> (terminal_seq, result, amount_cents, balance_cents,
+    info)."""
     cdef bytes data = _as_bytes(body, "body")
     cdef const unsigned char* p = _fixed_body(MSG_TAP_RESULT, data)
     return (
@@ -948,6 +984,7 @@ def decode_tap_result(body):
         p[8],
         <int32_t>_be32(p + 9),
         <int64_t>_be64(p + 13),
+        _be16(p + 21),
     )
 
 
@@ -1080,6 +1117,29 @@ cpdef enum:
     INFO_RENEWAL_DUE = 0x02
     # Eligibility is kept in days since 1970-01-01.
     MS_PER_DAY = 86400000
+    # More Decision.info bits (engine.codes.TapInfo).
+    INFO_SHOW_ID = 0x04
+    INFO_TRANSFER = 0x08
+    INFO_CAPPED = 0x10
+    INFO_SHARING_SUSPECTED = 0x40
+    # Card status a suspected clone is given when the rules say so
+    # (engine.codes.CardStatus.BLOCKED).
+    CARD_STATUS_BLOCKED = 1
+    # A service's policy row (engine.policy builds them from the rules):
+    POLICY_KIND = 0  # engine.codes.ServiceKind
+    POLICY_MIN_BALANCE = 1  # cents needed to enter
+    POLICY_TOLERATED_NEGATIVE = 2  # cents a tap may take the balance below zero
+    POLICY_PASSBACK_MS = 3  # same card, same service within this: declined
+    POLICY_TRANSFER = 4  # 1: a change within the transfer window is discounted
+    POLICY_CAP_GROUP = 5  # index of the service's cap group, -1: not capped
+    POLICY_MAX_CHARGE = 6  # per-duration: charged when the exit is missing
+    POLICY_FIELDS = 7
+    # Cap groups a rules version may define: the card keeps a day and a
+    # month total per group.
+    CAP_GROUPS_MAX = 8
+    NO_CAP = -1
+    # A card counter of 0 means "this card does not count": no clone check.
+    NO_COUNTER = 0
 
 # Names for repr only.
 _OPERATION_NAMES = {
@@ -1123,6 +1183,8 @@ cdef class Decision:
     cdef public int64_t info
     cdef public int64_t fare_profile
     cdef public int64_t rules_version
+    cdef public int64_t previous_counter
+    cdef public int64_t cap_group
     cdef public list waiters
 
     def __init__(
@@ -1160,6 +1222,10 @@ cdef class Decision:
         self.info = 0
         self.fare_profile = NO_PROFILE
         self.rules_version = 0
+        # What the batch writer needs to undo the rules' memory of this tap
+        # if its batch fails (Processor.batch_done).
+        self.previous_counter = NO_COUNTER
+        self.cap_group = NO_CAP
         self.waiters = []
 
     def fingerprint(self):
@@ -1223,6 +1289,116 @@ cdef class Original:
         self.account_id = account_id
         self.recorded_ms = recorded_ms
         self.service_id = service_id
+
+
+cdef class Activity:
+    """What the rules remember of one card between taps (kept for the cards
+    that tapped: ``state.activity``, card position -> Activity).
+
+    >>> a = Activity()
+    >>> a.counter, a.last_terminal, len(a.cap_spent)
+    (0, -1, 16)
+    """
+
+    cdef public int64_t counter
+    cdef public int64_t last_ms
+    cdef public int64_t last_terminal
+    cdef public int64_t last_service
+    cdef public int64_t transfer_ms
+    cdef public int64_t cap_day
+    cdef public int64_t cap_month
+    cdef public object cap_spent
+
+    def __init__(self):
+        self.counter = NO_COUNTER  # the highest card counter seen
+        self.last_ms = -1  # the last tap that passed the checks: when, where
+        self.last_terminal = -1
+        self.last_service = -1
+        self.transfer_ms = -1  # the last full-fare boarding at a transfer service
+        self.cap_day = -1  # the day and month the cap totals are for
+        self.cap_month = -1
+        # Cents charged under each cap group: [day totals..., month totals...].
+        self.cap_spent = array.array("q", [0] * (2 * CAP_GROUPS_MAX))
+
+
+cdef inline int64_t _floor_div(int64_t a, int64_t b):
+    """Python's floor division for a positive divisor."""
+    cdef int64_t q = a // b
+    if (a % b != 0) and (a < 0):
+        q -= 1
+    return q
+
+
+cpdef int64_t month_of_day(int64_t day):
+    """Calendar month number (year * 12 + month - 1) of a day since 1970-01-01.
+
+    >>> month_of_day(0), month_of_day(31), month_of_day(20_422)
+    (23640, 23641, 24310)
+    """
+    # Howard Hinnant's civil_from_days, integer-only.
+    cdef int64_t z = day + 719468
+    cdef int64_t era = _floor_div(z, 146097)
+    cdef int64_t doe = z - era * 146097
+    cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64_t mp = (5 * doy + 2) // 153
+    cdef int64_t month = mp + 3 if mp < 10 else mp - 9
+    cdef int64_t year = yoe + era * 400 + (1 if month <= 2 else 0)
+    return year * 12 + month - 1
+
+
+cpdef bint show_id_sampled(int64_t card_uid, int64_t terminal_seq, int64_t permille):
+    """Whether this tap is one of the ``permille`` sampled for an ID check.
+
+    Deterministic (a retry gets the same answer) and spread evenly: a
+    multiplicative hash of the card and the terminal's sequence.
+
+    >>> show_id_sampled(0x04A1, 7, 1000), show_id_sampled(0x04A1, 7, 0)
+    (True, False)
+    """
+    cdef uint64_t mixed = (((<uint64_t>card_uid) ^ (<uint64_t>terminal_seq))
+                           * <uint64_t>2654435761) & <uint64_t>0xFFFFFFFF
+    return <int64_t>(mixed % 1000) < permille
+
+
+# Mean Earth radius, metres: the sharing check needs tens of metres, not
+# geodesy.
+EARTH_RADIUS_M = 6371000.0
+
+
+cpdef double distance_m(double latitude_a, double longitude_a,
+                        double latitude_b, double longitude_b):
+    """Great-circle distance (haversine), metres.
+
+    >>> round(distance_m(43.5453, -5.6615, 43.5322, -5.6611))
+    1457
+    """
+    cdef double phi_a = latitude_a * M_PI / 180.0
+    cdef double phi_b = latitude_b * M_PI / 180.0
+    cdef double half_dphi = (phi_b - phi_a) / 2
+    cdef double half_dlambda = (longitude_b - longitude_a) * M_PI / 180.0 / 2
+    cdef double h = (sin(half_dphi) ** 2
+                     + cos(phi_a) * cos(phi_b) * sin(half_dlambda) ** 2)
+    return 2 * 6371000.0 * asin(min(1.0, sqrt(h)))
+
+
+cdef bint _sharing_suspected(state, terminal, Activity activity,
+                             int64_t recorded_ms) except -1:
+    """The card was at a located terminal farther away than can be travelled
+    (at the rules' speed) in the time since."""
+    if (activity.last_terminal < 0 or activity.last_terminal == terminal.id
+            or terminal.latitude is None):
+        return False
+    previous = state.terminals.get(activity.last_terminal)
+    if previous is None or previous.latitude is None:
+        return False
+    cdef double metres = distance_m(previous.latitude, previous.longitude,
+                                    terminal.latitude, terminal.longitude)
+    if metres < state.sharing_min_distance_m:
+        return False
+    cdef int64_t elapsed_ms = recorded_ms - activity.last_ms
+    # km/h -> metres per millisecond: speed * 1000 / 3_600_000.
+    return metres * 3600 > state.sharing_max_speed_kmh * max(elapsed_ms, 0)
 
 
 # --- The city's columns, checked once per use -------------------------------
@@ -1303,23 +1479,28 @@ cdef inline Py_ssize_t _check_position(
 # errors for the same broken input.
 
 def decide_tap(state, terminal, Decision decision not None):
-    """Decide a TAP in place: sets result, amount, balance and accounts.
+    """Decide a TAP in place: sets result, amount, balance, accounts and info.
 
-    The card's profile fare applies while the holder's eligibility for it is
-    valid on the day of the tap (UTC, from the engine's record time);
-    otherwise the standard profile's fare applies and ``info`` says why.
-    ``info`` also warns when the eligibility ends within the renewal window.
-
-    An exit tap records the passage and charges nothing: with per-use fares
-    the entry already paid.
+    The ladder, in order (docs/rules.md): terminal, card, card status, clone
+    (the card's counter), concession eligibility (the standard fare when it
+    is not valid, a warning near its end), service, anti-passback, the fare
+    (exit taps free, transfer discount, caps), minimum balance to enter, and
+    funds down to the service's tolerated negative balance. Then the card's
+    activity (counter, last tap, transfer start, cap totals) is updated.
 
     >>> decide_tap(state, state.terminals[7], decision)  # doctest: +SKIP
     """
     cdef Py_ssize_t card, account
     cdef unsigned char status, profile
     cdef int64_t available, fare, committed, pending, account_floor, day
-    cdef int64_t eligible_from, eligible_until, renewal_days
+    cdef int64_t eligible_from, eligible_until, renewal_days, counter
+    cdef int64_t recorded_ms, minimum_balance, passback_ms, service, left
+    cdef int64_t cap_group = NO_CAP
     cdef int64_t info = 0
+    cdef bint exit_tap, transfer = False, starts_journey = False
+    cdef Activity activity
+    cdef long long* policy
+    cdef long long* spent
     if not terminal.active:
         decision.result = RESULT_TERMINAL_NOT_ALLOWED
         return
@@ -1369,26 +1550,88 @@ def decide_tap(state, terminal, Decision decision not None):
     if status != CARD_STATUS_ACTIVE:
         decision.result = RESULT_CARD_NOT_ACTIVE
         return
+    cdef dict activities = state.activity
+    found_activity = activities.get(card)
+    counter = decision.card_counter
+    if found_activity is not None:
+        activity = found_activity
+        if (counter != NO_COUNTER and activity.counter != NO_COUNTER
+                and counter <= activity.counter):  # backwards, or the same count again
+            decision.result = RESULT_CLONE_SUSPECTED
+            if state.clone_blocks_card:
+                # Python code ran since the pointers were taken: take it again.
+                _byte_column(card_status_column, "card_status")[card] = CARD_STATUS_BLOCKED
+            return
+    recorded_ms = decision.recorded_ms
     if profile != STANDARD_PROFILE:
         # Floor division: record times are after 1970, never negative.
-        day = decision.recorded_ms // MS_PER_DAY
+        day = recorded_ms // MS_PER_DAY
         if day < eligible_from or day > eligible_until:
             profile = STANDARD_PROFILE
             info |= INFO_CONCESSION_NOT_VALID
         elif eligible_until - day < renewal_days:
             info |= INFO_RENEWAL_DUE
     decision.fare_profile = profile
-    decision.info = info
-    # A dict look-up by an int key runs no Python code: the pointers above
-    # stay valid.
+    # A dict look-up by an int key runs no Python code.
     fares_row = fares_by_service[service_id]
     cdef long long* fares = _int64_column(fares_row, "fares row")
     fare = fares[_check_index(profile, Py_SIZE(fares_row), "profile")]
     if fare == NO_FARE:
+        decision.info = info
         decision.result = RESULT_SERVICE_NOT_ALLOWED
         return
-    if decision.tap_flags & TAP_FLAG_EXIT:
+    if found_activity is None:
+        activity = Activity()
+        activities[card] = activity
+    else:
+        activity = found_activity
+    if counter != NO_COUNTER:
+        decision.previous_counter = activity.counter
+        activity.counter = counter
+    service = service_id
+    policy_row = state.service_policy.get(service_id)
+    exit_tap = (decision.tap_flags & TAP_FLAG_EXIT) != 0
+    minimum_balance = 0
+    if policy_row is not None:
+        policy = _int64_column(policy_row, "policy row")
+        _check_index(POLICY_FIELDS - 1, Py_SIZE(policy_row), "policy field")
+        minimum_balance = policy[POLICY_MIN_BALANCE]
+        # The account's floor is the hard limit (the schema's); a service
+        # tolerates at most its own negative balance above it.
+        account_floor = max(account_floor, -policy[POLICY_TOLERATED_NEGATIVE])
+        passback_ms = policy[POLICY_PASSBACK_MS]
+        if (passback_ms and not exit_tap and activity.last_service == service
+                and recorded_ms - activity.last_ms < passback_ms):
+            decision.info = info
+            decision.result = RESULT_ALREADY_VALIDATED
+            return
+        transfer = policy[POLICY_TRANSFER] != 0
+        cap_group = policy[POLICY_CAP_GROUP]
+    if activity.last_ms >= 0 and _sharing_suspected(state, terminal, activity, recorded_ms):
+        info |= INFO_SHARING_SUSPECTED
+        if profile != STANDARD_PROFILE:
+            info |= INFO_SHOW_ID
+    if profile != STANDARD_PROFILE and show_id_sampled(
+            decision.card_uid, decision.terminal_seq, state.show_id_permille):
+        info |= INFO_SHOW_ID
+    if exit_tap:
         fare = 0
+    elif fare:
+        if (transfer and activity.transfer_ms >= 0
+                and recorded_ms - activity.transfer_ms <= state.transfer_window_ms):
+            fare = fare * (100 - <int64_t>state.transfer_percent_off) // 100
+            info |= INFO_TRANSFER
+        else:
+            starts_journey = transfer
+        if cap_group != NO_CAP and fare:
+            left = _capped(state, activity, cap_group, recorded_ms, fare)
+            if left < fare:
+                fare = left
+                info |= INFO_CAPPED
+    decision.info = info
+    if not exit_tap and minimum_balance > 0 and available < minimum_balance:
+        decision.result = RESULT_MINIMUM_BALANCE
+        return
     if available - fare < account_floor:
         decision.result = RESULT_INSUFFICIENT_FUNDS
         return
@@ -1396,11 +1639,58 @@ def decide_tap(state, terminal, Decision decision not None):
     decision.result = RESULT_APPROVED
     decision.amount = fare
     decision.balance = available - fare
+    # Only an approved tap is a passage: the next checks start from it.
+    activity.last_ms = recorded_ms
+    activity.last_terminal = terminal.id
+    activity.last_service = service
+    if starts_journey:
+        activity.transfer_ms = recorded_ms
     if fare:
+        if cap_group != NO_CAP:
+            spent = _int64_column(activity.cap_spent, "cap_spent")
+            _check_index(2 * CAP_GROUPS_MAX - 1, Py_SIZE(activity.cap_spent), "cap total")
+            spent[cap_group] += fare
+            spent[CAP_GROUPS_MAX + cap_group] += fare
+            decision.cap_group = cap_group
+        # Python code ran since the pointers were taken: take them again.
+        pending_debit = _int64_column(pending_debit_column, "pending_debit")
+        _check_index(account, Py_SIZE(pending_debit_column), "account")
         pending_debit[account] += fare
         decision.source = account
         decision.target = state.revenue_account[service_id]
         decision.ledger_kind = LEDGER_FARE
+
+
+cdef int64_t _capped(state, Activity activity, int64_t group, int64_t recorded_ms,
+                     int64_t fare) except? -1:
+    """What is left of ``fare`` under the group's daily and monthly caps."""
+    cdef Py_ssize_t index
+    _check_index(group, CAP_GROUPS_MAX, "cap group")
+    spent_column = activity.cap_spent
+    cdef long long* spent = _int64_column(spent_column, "cap_spent")
+    _check_index(2 * CAP_GROUPS_MAX - 1, Py_SIZE(spent_column), "cap total")
+    cdef int64_t day = recorded_ms // MS_PER_DAY
+    cdef int64_t month
+    if activity.cap_day != day:
+        activity.cap_day = day
+        for index in range(CAP_GROUPS_MAX):
+            spent[index] = 0
+        month = month_of_day(day)
+        if activity.cap_month != month:
+            activity.cap_month = month
+            for index in range(CAP_GROUPS_MAX, 2 * CAP_GROUPS_MAX):
+                spent[index] = 0
+    cdef int64_t left = fare
+    daily_column = state.cap_daily
+    monthly_column = state.cap_monthly
+    cdef long long* daily = _int64_column(daily_column, "cap_daily")
+    cdef long long* monthly = _int64_column(monthly_column, "cap_monthly")
+    _check_index(group, min(Py_SIZE(daily_column), Py_SIZE(monthly_column)), "cap group")
+    if daily[group] >= 0:
+        left = min(left, max(daily[group] - spent[group], 0))
+    if monthly[group] >= 0:
+        left = min(left, max(monthly[group] - spent[CAP_GROUPS_MAX + group], 0))
+    return left
 
 
 def decide_topup(state, terminal, Decision decision not None):

@@ -27,13 +27,16 @@ Example::
 from __future__ import annotations
 
 import hmac as _hmac
+import math as _math
 import struct
 from array import array as _array
 from typing import Any
 
 __all__ = [
     "BODY_SIZES",
+    "CAP_GROUPS_MAX",
     "CARD_STATUS_ACTIVE",
+    "CARD_STATUS_BLOCKED",
     "ENGINE_PROOF_LABEL",
     "ERROR_BODY_MIN_BYTES",
     "ERROR_TEXT_MAX_BYTES",
@@ -54,8 +57,12 @@ __all__ = [
     "ERR_UNKNOWN_TYPE",
     "ERR_UNSUPPORTED_VERSION",
     "FRAME_HEADER_BYTES",
+    "INFO_CAPPED",
     "INFO_CONCESSION_NOT_VALID",
     "INFO_RENEWAL_DUE",
+    "INFO_SHARING_SUSPECTED",
+    "INFO_SHOW_ID",
+    "INFO_TRANSFER",
     "LEDGER_FARE",
     "LEDGER_OPENING",
     "LEDGER_REVERSAL",
@@ -77,20 +84,33 @@ __all__ = [
     "MS_PER_DAY",
     "NONCE_BYTES",
     "NO_ACCOUNT",
+    "NO_CAP",
+    "NO_COUNTER",
     "NO_FARE",
     "NO_PROFILE",
     "OPERATION_REVERSAL",
     "OPERATION_TAP",
     "OPERATION_TOPUP",
+    "POLICY_CAP_GROUP",
+    "POLICY_FIELDS",
+    "POLICY_KIND",
+    "POLICY_MAX_CHARGE",
+    "POLICY_MIN_BALANCE",
+    "POLICY_PASSBACK_MS",
+    "POLICY_TOLERATED_NEGATIVE",
+    "POLICY_TRANSFER",
     "PROOF_BYTES",
     "PROTOCOL_VERSION",
     "RESULT_ALREADY_REVERSED",
+    "RESULT_ALREADY_VALIDATED",
     "RESULT_APPROVED",
     "RESULT_BALANCE_LIMIT",
     "RESULT_BUSY_RETRY",
     "RESULT_CARD_NOT_ACTIVE",
+    "RESULT_CLONE_SUSPECTED",
     "RESULT_INSUFFICIENT_FUNDS",
     "RESULT_INVALID_AMOUNT",
+    "RESULT_MINIMUM_BALANCE",
     "RESULT_ORIGINAL_NOT_FOUND",
     "RESULT_PROTOCOL_ERROR",
     "RESULT_REVERSAL_WINDOW_EXPIRED",
@@ -104,6 +124,7 @@ __all__ = [
     "TERMINAL_KEY_BYTES",
     "TERMINAL_PROOF_LABEL",
     "TOPUP_MAX_CENTS",
+    "Activity",
     "Decision",
     "FrameReader",
     "Original",
@@ -122,6 +143,7 @@ __all__ = [
     "decode_tap",
     "decode_tap_result",
     "decode_topup",
+    "distance_m",
     "encode_auth",
     "encode_auth_ok",
     "encode_batch",
@@ -135,7 +157,9 @@ __all__ = [
     "encode_tap_result",
     "encode_topup",
     "engine_proof",
+    "month_of_day",
     "request_fingerprint",
+    "show_id_sampled",
     "terminal_proof",
 ]
 
@@ -183,6 +207,9 @@ RESULT_ORIGINAL_NOT_FOUND = 22
 RESULT_REVERSAL_WINDOW_EXPIRED = 23
 RESULT_ALREADY_REVERSED = 24
 RESULT_INSUFFICIENT_FUNDS = 25
+RESULT_CLONE_SUSPECTED = 26
+RESULT_ALREADY_VALIDATED = 27
+RESULT_MINIMUM_BALANCE = 28
 RESULT_BUSY_RETRY = 64
 RESULT_SEQUENCE_REUSED = 65
 RESULT_PROTOCOL_ERROR = 66
@@ -213,7 +240,7 @@ _AUTH_OK = struct.Struct(">32sQ")  # engine_proof, engine_time_ms
 _TAP = struct.Struct(">QQIQB")  # seq, uid, counter, time, tap_flags
 _TOPUP = struct.Struct(">QQIQ")  # seq, uid, amount, time
 _REVERSAL = struct.Struct(">QQQ")  # seq, original_seq, time
-_TAP_RESULT = struct.Struct(">QBiq")  # seq, result, amount, balance
+_TAP_RESULT = struct.Struct(">QBiqH")  # seq, result, amount, balance, info
 _PING = struct.Struct(">Q")  # payload
 _ERROR_HEAD = struct.Struct(">BH")  # code, text_length
 _TRANSCRIPT_HEAD = struct.Struct(">IH")  # terminal_id, key_version
@@ -701,18 +728,24 @@ def encode_tap_result(
     result: int,
     amount_cents: int,
     balance_cents: int,
+    info: int = 0,
 ) -> bytes:
     """TAP_RESULT: the outcome of a TAP, TOPUP or REVERSAL.
 
-    >>> decode_tap_result(encode_tap_result(1, 1001, 0, 150, -35)[12:])
-    (1001, 0, 150, -35)
+    ``info`` holds the engine.codes.TapInfo bits that tell the terminal
+    why (a concession not valid, an ID to show, ...); 0 for a reply that
+    is not a decision.
+
+    >>> decode_tap_result(encode_tap_result(1, 1001, 0, 150, -35, 0x03)[12:])
+    (1001, 0, 150, -35, 3)
     """
     _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
     _check_unsigned("result", result, _U8_MAX, "u8")
     _check_signed("amount_cents", amount_cents, _I32_MIN, _I32_MAX, "i32")
     _check_signed("balance_cents", balance_cents, _I64_MIN, _I64_MAX, "i64")
+    _check_unsigned("info", info, _U16_MAX, "u16")
     return _header(MSG_TAP_RESULT, request_id, _TAP_RESULT.size) + _TAP_RESULT.pack(
-        terminal_seq, result, amount_cents, balance_cents
+        terminal_seq, result, amount_cents, balance_cents, info
     )
 
 
@@ -823,12 +856,13 @@ def decode_reversal(body: bytes) -> tuple[int, int, int]:
     return (seq, original_seq, event_time_ms)
 
 
-def decode_tap_result(body: bytes) -> tuple[int, int, int, int]:
-    """TAP_RESULT body -> (terminal_seq, result, amount_cents, balance_cents)."""
-    seq, result, amount_cents, balance_cents = _TAP_RESULT.unpack(
+def decode_tap_result(body: bytes) -> tuple[int, int, int, int, int]:
+    """TAP_RESULT body -> (terminal_seq, result, amount_cents, balance_cents,
+    info)."""
+    seq, result, amount_cents, balance_cents, info = _TAP_RESULT.unpack(
         _fixed_body(MSG_TAP_RESULT, body)
     )
-    return (seq, result, amount_cents, balance_cents)
+    return (seq, result, amount_cents, balance_cents, info)
 
 
 def decode_ping(body: bytes) -> int:
@@ -968,6 +1002,30 @@ INFO_CONCESSION_NOT_VALID = 0x01
 INFO_RENEWAL_DUE = 0x02
 # Eligibility is kept in days since 1970-01-01.
 MS_PER_DAY = 86400000
+# More Decision.info bits (engine.codes.TapInfo).
+INFO_SHOW_ID = 0x04
+INFO_TRANSFER = 0x08
+INFO_CAPPED = 0x10
+INFO_SHARING_SUSPECTED = 0x40
+# Card status a suspected clone is given when the rules say so
+# (engine.codes.CardStatus.BLOCKED).
+CARD_STATUS_BLOCKED = 1
+# A service's policy row (engine.policy builds them from the rules):
+POLICY_KIND = 0  # engine.codes.ServiceKind
+POLICY_MIN_BALANCE = 1  # cents needed to enter
+POLICY_TOLERATED_NEGATIVE = 2  # cents a tap may take the balance below zero
+POLICY_PASSBACK_MS = 3  # same card, same service again within this: declined (0: off)
+POLICY_TRANSFER = 4  # 1: a change within the transfer window is discounted here
+POLICY_CAP_GROUP = 5  # index of the service's cap group, -1: not capped
+POLICY_MAX_CHARGE = 6  # per-duration services: charged when the exit is missing
+POLICY_FIELDS = 7
+# Cap groups a rules version may define: the card keeps a day and a month
+# total per group.
+CAP_GROUPS_MAX = 8
+NO_CAP = -1
+# A card counter of 0 means "this card does not count" (older cards and
+# terminals that cannot read the counter): no clone check.
+NO_COUNTER = 0
 
 # Names for repr only.
 _OPERATION_NAMES = {
@@ -994,6 +1052,7 @@ class Decision:
     __slots__ = (
         "amount",
         "balance",
+        "cap_group",
         "card_account",
         "card_counter",
         "card_uid",
@@ -1003,6 +1062,7 @@ class Decision:
         "kind",
         "ledger_kind",
         "original_seq",
+        "previous_counter",
         "recorded_ms",
         "requested",
         "result",
@@ -1051,6 +1111,10 @@ class Decision:
         self.info = 0
         self.fare_profile = NO_PROFILE
         self.rules_version = 0
+        # What the batch writer needs to undo the rules' memory of this tap
+        # if its batch fails (Processor.batch_done).
+        self.previous_counter = NO_COUNTER
+        self.cap_group = NO_CAP
         # (engine.decision.ReplyTarget, request_id) pairs.
         self.waiters: list[tuple[Any, int]] = []
 
@@ -1121,6 +1185,104 @@ class Original:
         self.service_id = service_id
 
 
+class Activity:
+    """What the rules remember of one card between taps (kept for the cards
+    that tapped: ``state.activity``, card position -> Activity).
+
+    >>> a = Activity()
+    >>> a.counter, a.last_terminal, len(a.cap_spent)
+    (0, -1, 16)
+    """
+
+    __slots__ = (
+        "cap_day",
+        "cap_month",
+        "cap_spent",
+        "counter",
+        "last_ms",
+        "last_service",
+        "last_terminal",
+        "transfer_ms",
+    )
+
+    def __init__(self) -> None:
+        self.counter = NO_COUNTER  # the highest card counter seen
+        self.last_ms = -1  # the last tap that passed the checks: when, where
+        self.last_terminal = -1
+        self.last_service = -1
+        self.transfer_ms = -1  # the last full-fare boarding at a transfer service
+        self.cap_day = -1  # the day and month the cap totals are for
+        self.cap_month = -1
+        # Cents charged under each cap group: [day totals..., month totals...].
+        self.cap_spent = _array("q", [0] * (2 * CAP_GROUPS_MAX))
+
+
+def month_of_day(day: int) -> int:
+    """Calendar month number (year * 12 + month - 1) of a day since 1970-01-01.
+
+    >>> month_of_day(0), month_of_day(31), month_of_day(20_422)
+    (23640, 23641, 24310)
+    """
+    # Howard Hinnant's civil_from_days, integer-only.
+    z = day + 719_468
+    era = z // 146_097  # floor division, as the algorithm means it
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (1 if month <= 2 else 0)
+    return year * 12 + month - 1
+
+
+def show_id_sampled(card_uid: int, terminal_seq: int, permille: int) -> bool:
+    """Whether this tap is one of the ``permille`` sampled for an ID check.
+
+    Deterministic (a retry gets the same answer) and spread evenly: a
+    multiplicative hash of the card and the terminal's sequence.
+
+    >>> show_id_sampled(0x04A1, 7, 1000), show_id_sampled(0x04A1, 7, 0)
+    (True, False)
+    """
+    mixed = ((card_uid ^ terminal_seq) * 2_654_435_761) & 0xFFFF_FFFF
+    return mixed % 1000 < permille
+
+
+# Mean Earth radius, metres: the sharing check needs tens of metres, not
+# geodesy.
+EARTH_RADIUS_M = 6_371_000.0
+
+
+def distance_m(latitude_a: float, longitude_a: float, latitude_b: float, longitude_b: float) -> float:
+    """Great-circle distance (haversine), metres.
+
+    >>> round(distance_m(43.5453, -5.6615, 43.5322, -5.6611))
+    1457
+    """
+    phi_a = _math.radians(latitude_a)
+    phi_b = _math.radians(latitude_b)
+    half_dphi = (phi_b - phi_a) / 2
+    half_dlambda = _math.radians(longitude_b - longitude_a) / 2
+    h = _math.sin(half_dphi) ** 2 + _math.cos(phi_a) * _math.cos(phi_b) * _math.sin(half_dlambda) ** 2
+    return 2 * EARTH_RADIUS_M * _math.asin(min(1.0, _math.sqrt(h)))
+
+
+def _sharing_suspected(state: Any, terminal: Any, activity: Activity, recorded_ms: int) -> bool:
+    """The card was at a located terminal farther away than can be travelled
+    (at the rules' speed) in the time since."""
+    if activity.last_terminal < 0 or activity.last_terminal == terminal.id or terminal.latitude is None:
+        return False
+    previous = state.terminals.get(activity.last_terminal)
+    if previous is None or previous.latitude is None:
+        return False
+    metres = distance_m(previous.latitude, previous.longitude, terminal.latitude, terminal.longitude)
+    if metres < state.sharing_min_distance_m:
+        return False
+    elapsed_ms = recorded_ms - activity.last_ms
+    # km/h -> metres per millisecond: speed * 1000 / 3_600_000.
+    return metres * 3600 > state.sharing_max_speed_kmh * max(elapsed_ms, 0)
+
+
 # --- The city's columns, checked once per use -------------------------------
 
 
@@ -1166,15 +1328,14 @@ def _check_position(position: int, size: int, what: str) -> int:
 
 
 def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
-    """Decide a TAP in place: sets result, amount, balance and accounts.
+    """Decide a TAP in place: sets result, amount, balance, accounts and info.
 
-    The card's profile fare applies while the holder's eligibility for it is
-    valid on the day of the tap (UTC, from the engine's record time);
-    otherwise the standard profile's fare applies and ``info`` says why.
-    ``info`` also warns when the eligibility ends within the renewal window.
-
-    An exit tap records the passage and charges nothing: with per-use fares
-    the entry already paid.
+    The ladder, in order (docs/rules.md): terminal, card, card status, clone
+    (the card's counter), concession eligibility (the standard fare when it
+    is not valid, a warning near its end), service, anti-passback, the fare
+    (exit taps free, transfer discount, caps), minimum balance to enter, and
+    funds down to the service's tolerated negative balance. Then the card's
+    activity (counter, last tap, transfer start, cap totals) is updated.
 
     >>> decide_tap(state, state.terminals[7], decision)  # doctest: +SKIP
     """
@@ -1213,34 +1374,137 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     if card_status[card] != CARD_STATUS_ACTIVE:
         decision.result = RESULT_CARD_NOT_ACTIVE
         return
+    activities = state.activity
+    activity = activities.get(card)
+    counter = decision.card_counter
+    if (
+        activity is not None
+        and counter != NO_COUNTER
+        and activity.counter != NO_COUNTER
+        and counter <= activity.counter  # backwards, or the same count again
+    ):
+        decision.result = RESULT_CLONE_SUSPECTED
+        if state.clone_blocks_card:
+            card_status[card] = CARD_STATUS_BLOCKED
+        return
+    recorded_ms = decision.recorded_ms
     if profile != STANDARD_PROFILE:
-        day = decision.recorded_ms // MS_PER_DAY
+        day = recorded_ms // MS_PER_DAY
         if day < eligible_from or day > eligible_until:
             profile = STANDARD_PROFILE
             info |= INFO_CONCESSION_NOT_VALID
         elif eligible_until - day < renewal_days:
             info |= INFO_RENEWAL_DUE
     decision.fare_profile = profile
-    decision.info = info
     fares = _int64_column(fares_by_service[service_id], "fares row")
     fare = fares[_check_position(profile, len(fares), "profile")]
     if fare == NO_FARE:
+        decision.info = info
         decision.result = RESULT_SERVICE_NOT_ALLOWED
         return
-    if decision.tap_flags & TAP_FLAG_EXIT:
+    if activity is None:
+        activity = Activity()
+        activities[card] = activity
+    if counter != NO_COUNTER:
+        decision.previous_counter = activity.counter
+        activity.counter = counter
+    policy_row = state.service_policy.get(service_id)
+    exit_tap = decision.tap_flags & TAP_FLAG_EXIT
+    account_floor = floor[account]
+    minimum_balance = 0
+    cap_group = NO_CAP
+    transfer = False
+    if policy_row is not None:
+        policy = _int64_column(policy_row, "policy row")
+        _check_position(POLICY_FIELDS - 1, len(policy), "policy field")
+        minimum_balance = policy[POLICY_MIN_BALANCE]
+        # The account's floor is the hard limit (the schema's); a service
+        # tolerates at most its own negative balance above it.
+        account_floor = max(account_floor, -policy[POLICY_TOLERATED_NEGATIVE])
+        passback_ms = policy[POLICY_PASSBACK_MS]
+        if (
+            passback_ms
+            and not exit_tap
+            and activity.last_service == service_id
+            and recorded_ms - activity.last_ms < passback_ms
+        ):
+            decision.info = info
+            decision.result = RESULT_ALREADY_VALIDATED
+            return
+        transfer = policy[POLICY_TRANSFER] != 0
+        cap_group = policy[POLICY_CAP_GROUP]
+    if activity.last_ms >= 0 and _sharing_suspected(state, terminal, activity, recorded_ms):
+        info |= INFO_SHARING_SUSPECTED
+        if profile != STANDARD_PROFILE:
+            info |= INFO_SHOW_ID
+    concession = profile != STANDARD_PROFILE
+    if concession and show_id_sampled(decision.card_uid, decision.terminal_seq, state.show_id_permille):
+        info |= INFO_SHOW_ID
+    starts_journey = False
+    if exit_tap:
         fare = 0
-    if available - fare < floor[account]:
+    elif fare:
+        if transfer and activity.transfer_ms >= 0 and recorded_ms - activity.transfer_ms <= state.transfer_window_ms:
+            fare = fare * (100 - state.transfer_percent_off) // 100
+            info |= INFO_TRANSFER
+        else:
+            starts_journey = transfer
+        if cap_group != NO_CAP and fare:
+            left = _capped(state, activity, cap_group, recorded_ms, fare)
+            if left < fare:
+                fare = left
+                info |= INFO_CAPPED
+    decision.info = info
+    if not exit_tap and minimum_balance > 0 and available < minimum_balance:
+        decision.result = RESULT_MINIMUM_BALANCE
+        return
+    if available - fare < account_floor:
         decision.result = RESULT_INSUFFICIENT_FUNDS
         return
     # After this point the tap must succeed.
     decision.result = RESULT_APPROVED
     decision.amount = fare
     decision.balance = available - fare
+    # Only an approved tap is a passage: the next checks start from it.
+    activity.last_ms = recorded_ms
+    activity.last_terminal = terminal.id
+    activity.last_service = service_id
+    if starts_journey:
+        activity.transfer_ms = recorded_ms
     if fare:
+        if cap_group != NO_CAP:
+            spent = activity.cap_spent
+            spent[cap_group] += fare
+            spent[CAP_GROUPS_MAX + cap_group] += fare
+            decision.cap_group = cap_group
         pending_debit[account] += fare
         decision.source = account
         decision.target = state.revenue_account[service_id]
         decision.ledger_kind = LEDGER_FARE
+
+
+def _capped(state: Any, activity: Activity, group: int, recorded_ms: int, fare: int) -> int:
+    """What is left of ``fare`` under the group's daily and monthly caps."""
+    _check_position(group, CAP_GROUPS_MAX, "cap group")
+    spent = activity.cap_spent
+    day = recorded_ms // MS_PER_DAY
+    if activity.cap_day != day:
+        activity.cap_day = day
+        for index in range(CAP_GROUPS_MAX):
+            spent[index] = 0
+        month = month_of_day(day)
+        if activity.cap_month != month:
+            activity.cap_month = month
+            for index in range(CAP_GROUPS_MAX, 2 * CAP_GROUPS_MAX):
+                spent[index] = 0
+    left = fare
+    daily = _int64_column(state.cap_daily, "cap_daily")[group]
+    if daily >= 0:
+        left = min(left, max(daily - spent[group], 0))
+    monthly = _int64_column(state.cap_monthly, "cap_monthly")[group]
+    if monthly >= 0:
+        left = min(left, max(monthly - spent[CAP_GROUPS_MAX + group], 0))
+    return left
 
 
 def decide_topup(state: Any, terminal: Any, decision: Decision) -> None:

@@ -212,7 +212,10 @@ class _TopupReply:
     def __init__(self, future: asyncio.Future[tuple[int, int, int]]) -> None:
         self.future = future
 
-    def deliver_result(self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int) -> None:
+    def deliver_result(
+        self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int, info: int
+    ) -> None:
+        # ``info`` is left out: its bits explain a tap, and a top-up sets none.
         # A request that gave up waiting (ADMIN_TOPUP_WAIT_S) has a done future.
         if not self.future.done():
             self.future.set_result((result, amount, balance))

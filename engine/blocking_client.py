@@ -23,7 +23,7 @@ from engine.client import (
     EngineError,
     TapResult,
 )
-from engine.codes import ErrorCode, MessageType, ResultCode
+from engine.codes import ErrorCode, MessageType, ResultCode, TapInfo
 from engine.limits import NONCE_BYTES
 
 
@@ -110,8 +110,8 @@ class BlockingTerminalClient:
         msg_type, body = self._exchange(request_id, frame)
         if msg_type != MessageType.TAP_RESULT:
             raise EngineError(ErrorCode.UNEXPECTED_MESSAGE, f"expected TAP_RESULT, got type 0x{msg_type:02x}")
-        seq, result, amount, balance = fastpath.decode_tap_result(body)
-        return TapResult(seq, ResultCode(result), amount, balance)
+        seq, result, amount, balance, info = fastpath.decode_tap_result(body)
+        return TapResult(seq, ResultCode(result), amount, balance, TapInfo(info))
 
     def _exchange(self, request_id: int, frame: bytes) -> tuple[int, bytes]:
         try:

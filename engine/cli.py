@@ -351,6 +351,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
                 "result": result.result.name,
                 "amount_cents": result.amount_cents,
                 "balance_cents": result.balance_cents,
+                "info": [flag.name for flag in result.info],
             }
         ).decode()
     )

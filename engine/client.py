@@ -19,7 +19,7 @@ import time
 import msgspec
 
 from engine import fastpath
-from engine.codes import ErrorCode, MessageType, ResultCode
+from engine.codes import ErrorCode, MessageType, ResultCode, TapInfo
 from engine.limits import MAX_IN_FLIGHT_PER_CONNECTION, NONCE_BYTES
 
 # Request ids wrap at 2**32; a terminal never has that many outstanding.
@@ -32,12 +32,20 @@ DEFAULT_TIMEOUT_S = 10.0
 
 
 class TapResult(msgspec.Struct, frozen=True):
-    """The engine's answer to a TAP, TOPUP or REVERSAL."""
+    """The engine's answer to a TAP, TOPUP or REVERSAL.
+
+    ``info`` says why, beyond the result code: what the terminal shows or
+    asks for (docs/protocol.md, "Info bits").
+
+    >>> TapResult(1001, ResultCode.APPROVED, 150, 1850, TapInfo.CONCESSION_NOT_VALID).info.name
+    'CONCESSION_NOT_VALID'
+    """
 
     terminal_seq: int
     result: ResultCode
     amount_cents: int
     balance_cents: int
+    info: TapInfo = TapInfo.NONE
 
     @property
     def approved(self) -> bool:
@@ -167,8 +175,8 @@ class TerminalClient:
         msg_type, body = await self._request(encode)
         if msg_type != MessageType.TAP_RESULT:
             raise EngineError(ErrorCode.UNEXPECTED_MESSAGE, f"expected TAP_RESULT, got type 0x{msg_type:02x}")
-        seq, result, amount, balance = fastpath.decode_tap_result(body)
-        return TapResult(seq, ResultCode(result), amount, balance)
+        seq, result, amount, balance, info = fastpath.decode_tap_result(body)
+        return TapResult(seq, ResultCode(result), amount, balance, TapInfo(info))
 
     async def _request(self, encode: object) -> tuple[int, bytes]:
         async with self._slots:

@@ -4,8 +4,10 @@ These are the public names of the protocol (see ``docs/protocol.md``). The
 compiled fast path and its pure twin carry the same numbers as module
 constants; ``tests/test_codec.py`` checks that the three never drift apart.
 
-Result codes are ordered by precedence: when several declines apply to one
-request, the lowest code wins, exactly as the decision ladder checks them.
+Result codes 16..25 are ordered by precedence: when several declines apply to
+one request, the lowest code wins, exactly as the decision ladder checks them.
+The city-card rule codes (26..) were added later; the ladder checks them in
+the order docs/protocol.md gives.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class ResultCode(enum.IntEnum):
     REVERSAL_WINDOW_EXPIRED = 23  # reversal arrived too late
     ALREADY_REVERSED = 24  # the original was already reversed
     INSUFFICIENT_FUNDS = 25  # available balance minus fare would go below the floor
+    # City-card rules (docs/rules.md). Numbered after the codes above; where
+    # each is checked in the ladder is documented in docs/protocol.md.
+    CLONE_SUSPECTED = 26  # the card's transaction counter went backwards or repeated
+    ALREADY_VALIDATED = 27  # anti-passback: this card passed this gate service moments ago
+    MINIMUM_BALANCE = 28  # the service asks for a minimum balance to enter
 
     # Not decisions about the card.
     BUSY_RETRY = 64  # not decided: retry later with the SAME sequence number

@@ -34,7 +34,9 @@ from engine.fastpath import (
 class ReplyTarget(Protocol):
     """Where a result goes: a terminal session (or a test)."""
 
-    def deliver_result(self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int) -> None: ...
+    def deliver_result(
+        self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int, info: int
+    ) -> None: ...
 
 
 __all__ = [

@@ -54,7 +54,7 @@ HANDSHAKE_DEADLINE_S = 5.0
 IDLE_TIMEOUT_S = 90.0
 
 # Reply bytes buffered for a connection before the engine stops reading from
-# it (transport back-pressure): 64 KiB is ~1,500 TAP_RESULTs.
+# it (transport back-pressure): 64 KiB is ~1,870 TAP_RESULTs of 35 bytes.
 WRITE_HIGH_WATER_BYTES = 64 * 1024
 
 # --- Group commit -------------------------------------------------------------

@@ -26,8 +26,11 @@ import logging
 from array import array
 
 import asyncpg
+import msgspec
 
 from engine.limits import DB_COMMAND_TIMEOUT_S
+from engine.policy import CompiledPolicy, compile_policy
+from engine.rules import Rules, RulesError
 from engine.state import DEFAULT_RENEWAL_WINDOW_DAYS, NO_FARE, PROFILES_MAX, CityState, refresh_cards
 
 log = logging.getLogger("citycard.live")
@@ -47,30 +50,41 @@ REFRESH_HOLDERS_PER_QUERY = 10_000
 
 
 async def apply_current_rules(conn: asyncpg.Connection, state: CityState) -> int:
-    """Load the newest rules version's tariffs and settings into ``state``.
+    """Put the newest rules version in force: its tariffs, its policies.
 
-    The fares are built aside and swapped in with the version in one step (no
-    await in between), so no tap is decided with half of a version.
-    Returns the version (0 when no rules version was ever loaded).
+    Everything is read in one snapshot and built aside, then installed with
+    no await in between, so no tap is decided with half of a version.
+    Returns the version (0 when no rules version was ever loaded: tariffs
+    only, every other rule off).
     """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         row = await conn.fetchrow(
-            "SELECT version, (document #>> '{concessions,renewal_window_days}')::int AS renewal"
-            " FROM rules_versions ORDER BY version DESC LIMIT 1",
+            "SELECT version, document::text FROM rules_versions ORDER BY version DESC LIMIT 1",
             timeout=DB_COMMAND_TIMEOUT_S,
         )
-        services = await conn.fetch("SELECT id FROM services", timeout=DB_COMMAND_TIMEOUT_S)
+        service_ids: dict[str, int] = dict(
+            await conn.fetch("SELECT code, id FROM services", timeout=DB_COMMAND_TIMEOUT_S)
+        )
         tariffs = await conn.fetch(
             "SELECT service_id, profile_id, fare_cents FROM tariffs", timeout=DB_COMMAND_TIMEOUT_S
         )
-    fares: dict[int, array[int]] = {service["id"]: array("q", [NO_FARE] * PROFILES_MAX) for service in services}
+    fares: dict[int, array[int]] = {
+        service_id: array("q", [NO_FARE] * PROFILES_MAX) for service_id in service_ids.values()
+    }
     for service_id, profile_id, fare in tariffs:
         fares[service_id][profile_id] = fare
-    version = row["version"] if row is not None else 0
-    renewal = row["renewal"] if row is not None and row["renewal"] is not None else DEFAULT_RENEWAL_WINDOW_DAYS
+    if row is None:
+        version, policy = 0, CompiledPolicy(renewal_window_days=DEFAULT_RENEWAL_WINDOW_DAYS)
+    else:
+        version = row["version"]
+        try:
+            rules = msgspec.json.decode(row["document"], type=Rules)
+        except msgspec.ValidationError as error:
+            raise RulesError(f"rules version {version} as stored does not parse: {error}") from None
+        policy = compile_policy(rules, service_ids)
     state.fares = fares
+    policy.install(state)
     state.rules_version = version
-    state.renewal_window_days = renewal
     return version
 
 

@@ -38,7 +38,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from engine import __version__, fastpath
-from engine.codes import ErrorCode, OperationKind, ResultCode
+from engine.codes import ErrorCode, OperationKind, ResultCode, TapInfo
 from engine.decision import Decision
 
 if TYPE_CHECKING:
@@ -62,6 +62,9 @@ UNKNOWN_SERVICE = "unknown"
 
 _OPERATION_NAMES = {int(kind): kind.name.lower() for kind in OperationKind}
 _RESULT_NAMES = {int(code): code.name.lower() for code in ResultCode}
+# Every TapInfo flag, one bit each, and its label value.
+_INFO_BITS = tuple(int(flag) for flag in TapInfo if flag.value and flag.value & (flag.value - 1) == 0)
+_INFO_NAMES = {int(flag): str(flag.name).lower() for flag in TapInfo if flag.value}
 _DECLINES = tuple(int(code) for code in ResultCode if code.is_final and code != ResultCode.APPROVED)
 _IMMEDIATE = (ResultCode.BUSY_RETRY, ResultCode.SEQUENCE_REUSED, ResultCode.PROTOCOL_ERROR)
 _ERROR_NAMES = {int(code): code.name.lower() for code in ErrorCode}
@@ -256,6 +259,7 @@ class EngineMetrics:
         # (service id, operation, result) -> committed decisions. Written by
         # the loop only; copied whole by the scrape thread.
         self._decisions: dict[tuple[int, int, int], int] = {}
+        self._flags: dict[tuple[int, int], int] = {}  # (service id, TapInfo bit) -> committed decisions
         self._immediate: dict[int, int] = {}
         self._services: dict[int, str] = {}
         self._http: ThreadingHTTPServer | None = None
@@ -267,6 +271,15 @@ class EngineMetrics:
         key = (decision.service_id, decision.kind, decision.result)
         decisions = self._decisions
         decisions[key] = decisions.get(key, 0) + 1
+        info = decision.info
+        if info:
+            # Rare beside plain taps (a concession near renewal, a transfer,
+            # a flag): the loop runs only then.
+            flags = self._flags
+            for bit in _INFO_BITS:
+                if info & bit:
+                    flag_key = (decision.service_id, bit)
+                    flags[flag_key] = flags.get(flag_key, 0) + 1
 
     def count_immediate(self, result: int) -> None:
         """One request answered without a decision (``Processor.on_immediate``)."""
@@ -317,6 +330,17 @@ class EngineMetrics:
         for result in _IMMEDIATE:
             answers.add_metric([_RESULT_NAMES[result]], immediate.get(result, 0))
         yield answers
+        flags = self._flags.copy()
+        flagged = CounterMetricFamily(
+            "citycard_tap_flags",
+            "Committed decisions by service and TapInfo flag (concession not valid, renewal due, show ID,"
+            " transfer, capped, pass used, sharing suspected).",
+            labels=["service", "flag"],
+        )
+        for service_id, service in sorted(services.items()):
+            for bit in _INFO_BITS:
+                flagged.add_metric([service, _INFO_NAMES[bit]], flags.get((service_id, bit), 0))
+        yield flagged
 
     # --- the HTTP endpoint ---------------------------------------------------------------
 

@@ -26,11 +26,13 @@ import logging
 from collections.abc import Callable, Coroutine
 
 import asyncpg
+import orjson
 
-from engine.codes import OperationKind, ResultCode
+from engine.codes import CardStatus, OperationKind, ResultCode
 from engine.decision import Decision, ReplyTarget, request_fingerprint
+from engine.fastpath import CAP_GROUPS_MAX, NO_CAP
 from engine.ladder import TAP_FLAGS_KNOWN, Original, decide_reversal, decide_tap, decide_topup
-from engine.limits import LOOKUPS_MAX, RECENT_RESULTS_PER_TERMINAL, REVERSAL_WINDOW_S
+from engine.limits import DB_COMMAND_TIMEOUT_S, LOOKUPS_MAX, RECENT_RESULTS_PER_TERMINAL, REVERSAL_WINDOW_S
 from engine.state import CityState, InvariantError, Terminal, now_ms
 from engine.writer import BatchWriter
 
@@ -49,12 +51,25 @@ _TAP = OperationKind.TAP
 _TOPUP = OperationKind.TOPUP
 _REVERSAL = OperationKind.REVERSAL
 _CARD_NOT_ACTIVE = ResultCode.CARD_NOT_ACTIVE
+_CLONE_SUSPECTED = ResultCode.CLONE_SUSPECTED
+_TAP = OperationKind.TAP
+
+# A suspected clone blocked by the rules is written down as the card office
+# would have: the card's status and an audit row, under this actor.
+CLONE_BLOCK_ACTOR = "engine"
+_CLONE_BLOCK_SQL = """
+WITH blocked AS (
+    UPDATE cards SET status = $2 WHERE uid = $1 AND status = $3 RETURNING uid
+)
+INSERT INTO audit_log (actor, action, subject, detail)
+SELECT $4, 'card.block', 'card:' || uid, $5::jsonb FROM blocked
+"""
 
 _LOOKUP_SQL = (
     "SELECT kind, card_uid, card_counter, tap_flags, requested_cents, original_seq,"
     " (extract(epoch FROM event_time) * 1000)::int8 AS event_ms,"
     " (extract(epoch FROM recorded_at) * 1000)::int8 AS recorded_ms,"
-    " result, amount_cents, balance_cents, service_id, account_id"
+    " result, amount_cents, balance_cents, info, service_id, account_id"
     " FROM taps WHERE terminal_id = $1 AND terminal_seq = $2"
 )
 _REVERSED_SQL = (
@@ -242,7 +257,9 @@ class Processor:
 
     def _answer_unsafely(self, decision: Decision) -> None:
         for target, request_id in decision.waiters:
-            target.deliver_result(request_id, decision.terminal_seq, decision.result, decision.amount, decision.balance)
+            target.deliver_result(
+                request_id, decision.terminal_seq, decision.result, decision.amount, decision.balance, decision.info
+            )
             self.dirty.add(target)
         decision.waiters.clear()
 
@@ -285,6 +302,8 @@ class Processor:
         decision.result = row["result"]
         decision.amount = row["amount_cents"]
         decision.balance = row["balance_cents"]
+        # A retry after a restart hears the same reasons as the original.
+        decision.info = row["info"]
         return decision
 
     async def _read_original(self, terminal_id: int, original_seq: int) -> tuple[Original | None, bool]:
@@ -305,11 +324,11 @@ class Processor:
         if final.fingerprint() != fingerprint:
             self._answer_now(target, request_id, final.terminal_seq, ResultCode.SEQUENCE_REUSED)
             return
-        target.deliver_result(request_id, final.terminal_seq, final.result, final.amount, final.balance)
+        target.deliver_result(request_id, final.terminal_seq, final.result, final.amount, final.balance, final.info)
         self.dirty.add(target)
 
     def _answer_now(self, target: ReplyTarget, request_id: int, terminal_seq: int, result: int) -> None:
-        target.deliver_result(request_id, terminal_seq, result, 0, 0)
+        target.deliver_result(request_id, terminal_seq, result, 0, 0, 0)
         self.dirty.add(target)
         if self.on_immediate is not None:
             self.on_immediate(result)
@@ -368,6 +387,8 @@ class Processor:
                 self._remember(d)
                 if on_result is not None:
                     on_result(d)
+                if d.result == _CLONE_SUSPECTED and state.clone_blocks_card:
+                    self._spawn(self._record_clone_block(d))
                 if d.result == _CARD_NOT_ACTIVE:
                     # A blocked, lost or stolen card presented: worth a line
                     # for the card office, under a pseudonym.
@@ -376,20 +397,62 @@ class Processor:
                         extra={"card": self.card_ref(d.card_uid), "terminal_id": d.terminal_id},
                     )
                 for target, request_id in d.waiters:
-                    target.deliver_result(request_id, d.terminal_seq, d.result, d.amount, d.balance)
+                    target.deliver_result(request_id, d.terminal_seq, d.result, d.amount, d.balance, d.info)
                     dirty.add(target)
                 # Remembered for retries: it must not keep closed sessions alive.
                 d.waiters.clear()
             else:
+                if d.kind == _TAP:
+                    self._forget_tap(d)
                 for target, request_id in d.waiters:
-                    target.deliver_result(request_id, d.terminal_seq, ResultCode.BUSY_RETRY, 0, 0)
+                    target.deliver_result(request_id, d.terminal_seq, ResultCode.BUSY_RETRY, 0, 0, 0)
                     dirty.add(target)
                 if self.on_immediate is not None:
                     self.on_immediate(ResultCode.BUSY_RETRY)
         self.flush()
 
+    def _forget_tap(self, d: Decision) -> None:
+        """Undo what the rules remembered of a tap whose batch failed: the
+        terminal retries it with the same card counter (which must not look
+        like a clone), and its fare must not count towards a cap."""
+        state = self.state
+        card = state.card_position.get(d.card_uid)
+        activity = state.activity.get(card) if card is not None else None
+        if card is None or activity is None:
+            return
+        if d.card_counter and activity.counter == d.card_counter:
+            activity.counter = d.previous_counter
+        if d.result == _CLONE_SUSPECTED and state.card_status[card] == CardStatus.BLOCKED:
+            state.card_status[card] = CardStatus.ACTIVE  # the clone check blocked it: not recorded
+        if d.result == ResultCode.APPROVED and d.amount and d.cap_group != NO_CAP:
+            spent = activity.cap_spent
+            spent[d.cap_group] -= d.amount
+            spent[CAP_GROUPS_MAX + d.cap_group] -= d.amount
+
+    async def _record_clone_block(self, d: Decision) -> None:
+        """Write down the block a suspected clone got in memory."""
+        detail = orjson.dumps(
+            {"reason": "clone suspected", "terminal_id": d.terminal_id, "terminal_seq": d.terminal_seq}
+        ).decode()
+        try:
+            async with self._pool().acquire() as conn:
+                await conn.execute(
+                    _CLONE_BLOCK_SQL,
+                    d.card_uid,
+                    CardStatus.BLOCKED,
+                    CardStatus.ACTIVE,
+                    CLONE_BLOCK_ACTOR,
+                    detail,
+                    timeout=DB_COMMAND_TIMEOUT_S,
+                )
+        except Exception as error:  # noqa: BLE001 - the card stays blocked in memory; logged for the office
+            log.error(
+                "could not record the block of a suspected clone: %r", error, extra={"card": self.card_ref(d.card_uid)}
+            )
+            return
+        log.warning("suspected clone blocked", extra={"card": self.card_ref(d.card_uid), "terminal_id": d.terminal_id})
+
     async def drain(self) -> None:
         """Wait for slow-path tasks (used at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-

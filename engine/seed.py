@@ -316,7 +316,7 @@ class _City:
     accounts: list[tuple[int, int, str, int, int, int]]
     cards: list[tuple[int, int, int, int]]
     entries: list[tuple[int, int, int]]
-    terminals: list[tuple[int, int, int, str, int | None]]
+    terminals: list[tuple[int, int, int, str, int | None, float | None, float | None]]
     eligibility: list[tuple[int, int, str, datetime.date, datetime.date]]
     summary: SeedSummary
 
@@ -430,12 +430,30 @@ def _profile_column(cards: int, rng: random.Random) -> list[int]:
     return column
 
 
-def _terminals() -> list[tuple[int, int, int, str, int | None]]:
-    """(id, service_id, kind, name, funding_account_id), numbered from 1."""
-    rows: list[tuple[int, int, int, str, int | None]] = []
+# Where terminals stand: sites spread over Gijón's urban area (WGS84). A site
+# has two terminals (the gates of a pool, the readers of a library). Bus
+# validators ride the buses: they have no fixed place and are not located,
+# so the card-sharing check skips them.
+CITY_LATITUDE_RANGE = (43.500, 43.560)
+CITY_LONGITUDE_RANGE = (-5.720, -5.600)
+TERMINALS_PER_SITE = 2
+# Its own generator, so that locations never shift the cards a seed draws.
+LOCATION_SEED = 43_5453
+
+
+def _terminals() -> list[tuple[int, int, int, str, int | None, float | None, float | None]]:
+    """(id, service_id, kind, name, funding_account_id, latitude, longitude), numbered from 1."""
+    rng = random.Random(LOCATION_SEED)
+    rows: list[tuple[int, int, int, str, int | None, float | None, float | None]] = []
     for service in SERVICES:
         kiosk = service.terminal_kind == TerminalKind.KIOSK
+        located = service.code != "bus"
+        latitude: float | None = None
+        longitude: float | None = None
         for number in range(1, service.terminals + 1):
+            if located and (number - 1) % TERMINALS_PER_SITE == 0:
+                latitude = round(rng.uniform(*CITY_LATITUDE_RANGE), 5)
+                longitude = round(rng.uniform(*CITY_LONGITUDE_RANGE), 5)
             rows.append(
                 (
                     len(rows) + 1,
@@ -443,6 +461,8 @@ def _terminals() -> list[tuple[int, int, int, str, int | None]]:
                     int(service.terminal_kind),
                     f"{service.code}-{number:03d}",
                     FUNDING_ACCOUNT_ID if kiosk else None,
+                    latitude,
+                    longitude,
                 )
             )
     return rows
@@ -470,7 +490,9 @@ async def _write(conn: asyncpg.Connection, city: _City, rules: Rules) -> None:
     # Service kinds and tariffs, the rules' record, its audit row: as a load would.
     await write_rules(conn, rules, actor=RULES_ACTOR, source_name=RULES_SOURCE_NAME)
     await conn.copy_records_to_table(
-        "terminals", records=city.terminals, columns=("id", "service_id", "kind", "name", "funding_account_id")
+        "terminals",
+        records=city.terminals,
+        columns=("id", "service_id", "kind", "name", "funding_account_id", "latitude", "longitude"),
     )
     await conn.copy_records_to_table(
         "holders",

@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 import msgspec
 
+from engine.activity_rebuild import rebuild_activity
 from engine.admin import AdminServer
 from engine.db import create_pool
 from engine.fd_limit import ensure_descriptors
@@ -39,7 +40,7 @@ from engine.metrics import EngineMetrics, EngineSources
 from engine.migrate import migrate
 from engine.processor import Processor
 from engine.session import SessionContext, SessionLimits, TerminalSession
-from engine.state import CityState, load_state
+from engine.state import CityState, load_state, now_ms
 from engine.writer import AnotherWriter, BatchWriter, connect_writer, next_batch_id
 
 log = logging.getLogger("citycard.server")
@@ -141,6 +142,7 @@ class Engine:
         async with self._pool.acquire() as conn:
             state = await load_state(conn)
             await apply_current_rules(conn, state)
+            await rebuild_activity(conn, state, now_ms=now_ms())
             first_batch_id = await next_batch_id(conn)
             self._services = {row["id"]: row["code"] for row in await conn.fetch("SELECT id, code FROM services")}
         self.state = state

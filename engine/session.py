@@ -264,7 +264,9 @@ class TerminalSession(asyncio.Protocol):
 
     # --- replies ---------------------------------------------------------------------
 
-    def deliver_result(self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int) -> None:
+    def deliver_result(
+        self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int, info: int
+    ) -> None:
         """Queue a TAP_RESULT; written by flush()."""
         if self._closed:
             return  # the terminal will retry with the same sequence
@@ -273,7 +275,7 @@ class TerminalSession(asyncio.Protocol):
             received_at = self._received_at.pop(request_id, None)
             if received_at is not None:
                 self._replies_received_at.append(received_at)
-        self._out.append(fastpath.encode_tap_result(request_id, terminal_seq, result, amount, balance))
+        self._out.append(fastpath.encode_tap_result(request_id, terminal_seq, result, amount, balance, info))
 
     def flush(self) -> None:
         if self._out and self._transport is not None and not self._closed:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from engine.codes import TerminalKind
+from engine.fastpath import CAP_GROUPS_MAX, Activity
 
 # A fare of -1 in the tariff table means "this profile is not served here".
 NO_FARE = -1
@@ -52,6 +53,13 @@ NEVER_FROM_DAY = 1
 NEVER_UNTIL_DAY = 0
 _EPOCH = datetime.date(1970, 1, 1)
 
+# A cap of -1 cents: this group has no such cap.
+NO_CAP_CENTS = -1
+
+# Card sharing: defaults until a rules version sets them (rules: security).
+SHARING_SPEED_DEFAULT_KMH = 120
+SHARING_DISTANCE_DEFAULT_M = 500
+
 # Days before a concession ends during which taps warn the holder to renew,
 # until a rules version sets its own (rules: concessions.renewal_window_days).
 DEFAULT_RENEWAL_WINDOW_DAYS = 30
@@ -73,6 +81,9 @@ class Terminal:
     active: bool
     funding_account: int  # account position for kiosks, -1 otherwise
     high_seq: int  # the highest terminal_seq ever recorded or decided
+    # Where it stands (WGS84 degrees), for the card-sharing check; None: not located.
+    latitude: float | None = None
+    longitude: float | None = None
 
     @property
     def is_kiosk(self) -> bool:
@@ -114,6 +125,21 @@ class CityState:
         # concession renewal warning window it sets.
         self.rules_version = 0
         self.renewal_window_days = DEFAULT_RENEWAL_WINDOW_DAYS
+        # The rules' policies as the fast path reads them (engine.policy
+        # fills them from a rules version; these defaults turn every rule
+        # off): service id -> policy row, and the city-wide settings.
+        self.service_policy: dict[int, array[int]] = {}
+        self.transfer_window_ms = 0
+        self.transfer_percent_off = 0
+        self.cap_daily = array("q", [NO_CAP_CENTS] * CAP_GROUPS_MAX)
+        self.cap_monthly = array("q", [NO_CAP_CENTS] * CAP_GROUPS_MAX)
+        self.show_id_permille = 0
+        self.clone_blocks_card = False
+        self.sharing_max_speed_kmh = SHARING_SPEED_DEFAULT_KMH
+        self.sharing_min_distance_m = SHARING_DISTANCE_DEFAULT_M
+        # What the rules remember of each card that tapped (counter, last
+        # passage, journey start, cap totals): card position -> Activity.
+        self.activity: dict[int, Activity] = {}
 
     # --- building -------------------------------------------------------
 
@@ -296,7 +322,7 @@ async def load_state(conn: asyncpg.Connection) -> CityState:
         for service_id, profile_id, fare in await conn.fetch("SELECT service_id, profile_id, fare_cents FROM tariffs"):
             state.set_fare(service_id, profile_id, fare)
         terminals = await conn.fetch(
-            "SELECT t.id, t.service_id, t.kind, t.key_version, t.status, t.funding_account_id,"
+            "SELECT t.id, t.service_id, t.kind, t.key_version, t.status, t.funding_account_id, t.latitude, t.longitude,"
             " (SELECT max(terminal_seq) FROM taps WHERE terminal_id = t.id) AS high_seq"
             " FROM terminals t"
         )
@@ -310,6 +336,8 @@ async def load_state(conn: asyncpg.Connection) -> CityState:
                 active=row["status"] == 0,
                 funding_account=state.account_position[funding] if funding is not None else -1,
                 high_seq=row["high_seq"] if row["high_seq"] is not None else -1,
+                latitude=row["latitude"],
+                longitude=row["longitude"],
             )
     state.check_invariants()
     return state

@@ -504,7 +504,8 @@ def _check(request: Request, result: TapResult, expected: TapResult | None) -> E
         return WrongAnswer(f"{result.result.name} for a well-formed request with a fresh sequence")
     if expected is not None and result != expected:
         return WrongAnswer(
-            f"retry answered {result.result.name} {result.amount_cents}/{result.balance_cents},"
-            f" first answer {expected.result.name} {expected.amount_cents}/{expected.balance_cents}"
+            f"retry answered {result.result.name} {result.amount_cents}/{result.balance_cents}"
+            f" info 0x{result.info:02x}, first answer {expected.result.name}"
+            f" {expected.amount_cents}/{expected.balance_cents} info 0x{expected.info:02x}"
         )
     return None

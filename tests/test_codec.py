@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import limits
-from engine.codes import ErrorCode, MessageType, ResultCode
+from engine.codes import ErrorCode, MessageType, ResultCode, TapInfo
 from tests.twins import load_twin
 
 
@@ -87,8 +87,9 @@ SAMPLES: list[tuple[str, MessageType, int, tuple[Any, ...]]] = [
     ("tap", MessageType.TAP, 3, (1001, 0x04A1B2C3D4E580, 77, 1_767_225_601_234, 1)),
     ("topup", MessageType.TOPUP, 4, (1002, 0xDEADBEEF, 2000, 1_767_225_602_000)),
     ("reversal", MessageType.REVERSAL, 5, (1003, 1001, 1_767_225_603_000)),
-    ("tap_result", MessageType.TAP_RESULT, 3, (1001, 0, 150, 1850)),
-    ("tap_result", MessageType.TAP_RESULT, 6, (1004, 25, 0, -35)),
+    ("tap_result", MessageType.TAP_RESULT, 3, (1001, 0, 150, 1850, 0)),
+    ("tap_result", MessageType.TAP_RESULT, 6, (1004, 25, 0, -35, 0)),
+    ("tap_result", MessageType.TAP_RESULT, 10, (1006, 0, 150, 700, 0x03)),
     ("ping", MessageType.PING, 7, (U64,)),
     ("pong", MessageType.PONG, 7, (0,)),
     ("error", MessageType.ERROR, 8, (1, "frame length 20000 above maximum 16380")),
@@ -130,7 +131,7 @@ def test_body_sizes_cover_every_fixed_size_type(fp: ModuleType) -> None:
     assert set(fp.BODY_SIZES) == set(MessageType) - {MessageType.ERROR}
     assert fp.BODY_SIZES == {
         0x01: 22, 0x02: 16, 0x03: 32, 0x04: 40, 0x10: 29, 0x11: 28,
-        0x12: 24, 0x13: 21, 0x20: 8, 0x21: 8,
+        0x12: 24, 0x13: 23, 0x20: 8, 0x21: 8,
     }
 
 
@@ -180,10 +181,21 @@ def test_decoders_accept_bytes_like(fp: ModuleType) -> None:
 
 def test_signed_fields_use_twos_complement(fp: ModuleType) -> None:
     frame = fp.encode_tap_result(1, 1, 0, I32_MIN, I64_MIN)
-    assert frame[12 + 9 :] == bytes.fromhex("80000000" + "8000000000000000")
-    assert fp.decode_tap_result(frame[12:]) == (1, 0, I32_MIN, I64_MIN)
+    assert frame[12 + 9 : 12 + 21] == bytes.fromhex("80000000" + "8000000000000000")
+    assert fp.decode_tap_result(frame[12:]) == (1, 0, I32_MIN, I64_MIN, 0)
     frame = fp.encode_tap_result(1, 1, 0, -1, -1)
-    assert frame[12 + 9 :] == b"\xff" * 12
+    assert frame[12 + 9 : 12 + 21] == b"\xff" * 12
+
+
+def test_tap_result_info_is_a_trailing_u16(fp: ModuleType) -> None:
+    # Appended after balance_cents, so the fields before it keep their offsets.
+    plain = fp.encode_tap_result(3, 1001, 0, 150, 1850)
+    frame = fp.encode_tap_result(3, 1001, 0, 150, 1850, 0x0102)
+    assert len(frame) == 12 + 23
+    assert frame[: 12 + 21] == plain[: 12 + 21]
+    assert plain[12 + 21 :] == b"\x00\x00"  # info defaults to 0
+    assert frame[12 + 21 :] == b"\x01\x02"  # big-endian
+    assert fp.decode_tap_result(frame[12:]) == (1001, 0, 150, 1850, 0x0102)
 
 
 def test_field_extremes_round_trip(fp: ModuleType) -> None:
@@ -194,8 +206,8 @@ def test_field_extremes_round_trip(fp: ModuleType) -> None:
         U32, U16, b"\xff" * 16,
     )
     assert fp.decode_tap_result(
-        fp.encode_tap_result(0, 0, U8, I32_MAX, I64_MAX)[12:]
-    ) == (0, U8, I32_MAX, I64_MAX)
+        fp.encode_tap_result(0, 0, U8, I32_MAX, I64_MAX, U16)[12:]
+    ) == (0, U8, I32_MAX, I64_MAX, U16)
 
 
 # --- Header violations ---------------------------------------------------------
@@ -255,7 +267,7 @@ VIOLATIONS = [
 for _type, _size in {
     MessageType.HELLO: 22, MessageType.CHALLENGE: 16, MessageType.AUTH: 32,
     MessageType.AUTH_OK: 40, MessageType.TAP: 29, MessageType.TOPUP: 28,
-    MessageType.REVERSAL: 24, MessageType.TAP_RESULT: 21, MessageType.PING: 8,
+    MessageType.REVERSAL: 24, MessageType.TAP_RESULT: 23, MessageType.PING: 8,
     MessageType.PONG: 8,
 }.items():
     for _body in (_size - 1, _size + 1, 0):
@@ -474,6 +486,12 @@ MISUSE: list[tuple[str, Callable[[ModuleType], Any], type[Exception], str]] = [
     ("balance-i64", lambda fp: fp.encode_tap_result(1, 1, 0, 0, I64_MIN - 1),
      ValueError, "balance_cents -9223372036854775809 out of range for i64"
      " (-9223372036854775808..9223372036854775807)"),
+    ("info-u16", lambda fp: fp.encode_tap_result(1, 1, 0, 0, 0, U16 + 1), ValueError,
+     "info 65536 out of range for u16 (0..65535)"),
+    ("info-negative", lambda fp: fp.encode_tap_result(1, 1, 0, 0, 0, -1), ValueError,
+     "info -1 out of range for u16 (0..65535)"),
+    ("info-none", lambda fp: fp.encode_tap_result(1, 1, 0, 0, 0, None), TypeError,
+     "info must be int, not NoneType"),
     ("error-code", lambda fp: fp.encode_error(1, 256, ""), ValueError,
      "code 256 out of range for u8 (0..255)"),
     ("error-text-bytes", lambda fp: fp.encode_error(1, 1, b"x"), TypeError,
@@ -505,6 +523,8 @@ def test_encoder_misuse(
 def test_encoders_accept_int_enums_and_bytes_like(fp: ModuleType) -> None:
     frame = fp.encode_tap_result(1, 1, ResultCode.INSUFFICIENT_FUNDS, 0, 5)
     assert fp.decode_tap_result(frame[12:])[1] == 25
+    frame = fp.encode_tap_result(1, 1, 0, 150, 5, TapInfo.SHOW_ID | TapInfo.RENEWAL_DUE)
+    assert fp.decode_tap_result(frame[12:])[4] == 0x06
     assert fp.encode_challenge(1, bytearray(16)) == fp.encode_challenge(1, bytes(16))
 
 
@@ -628,7 +648,7 @@ def test_twins_raise_identical_errors(twins: tuple[ModuleType, ModuleType]) -> N
         assert outcome(compiled_reader.feed, data) == outcome(pure_reader.feed, data)
         assert outcome(compiled_reader.feed, b"x") == outcome(pure_reader.feed, b"x")
     for name in ("hello", "tap", "error", "ping", "auth_ok", "tap_result"):
-        for body in (b"", b"\x01\x00\x05", bytes(21), bytes(300)):
+        for body in (b"", b"\x01\x00\x05", bytes(21), bytes(23), bytes(300)):
             decoder = f"decode_{name}"
             assert outcome(getattr(compiled, decoder), body) == outcome(
                 getattr(pure, decoder), body
@@ -654,7 +674,7 @@ FIELDS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "tap": st.tuples(u64, u64, u32, u64, u8),
     "topup": st.tuples(u64, u64, u32, u64),
     "reversal": st.tuples(u64, u64, u64),
-    "tap_result": st.tuples(u64, u8, i32, i64),
+    "tap_result": st.tuples(u64, u8, i32, i64, u16),
     "ping": st.tuples(u64),
     "pong": st.tuples(u64),
     # Texts whose UTF-8 fits: longer ones are truncated (tested above).

@@ -132,11 +132,12 @@ def new_decision(
     requested: int = 0,
     original_seq: int | None = None,
     recorded_ms: int = 1_700_000_000_000,
+    counter: int = 0,  # 0: the card does not count (no clone check)
 ) -> Any:
     global _seq
     _seq += 1
     return fp.Decision(
-        terminal_id, _seq, kind, uid, 7, flags, requested, original_seq, recorded_ms - 5, recorded_ms,
+        terminal_id, _seq, kind, uid, counter, flags, requested, original_seq, recorded_ms - 5, recorded_ms,
         city.terminals[terminal_id].service_id,
     )
 

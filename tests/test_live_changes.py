@@ -18,7 +18,8 @@ import asyncpg
 import pytest
 
 from engine.codes import ResultCode, TapInfo
-from engine.live import ELIGIBILITY_CHANNEL, RULES_CHANNEL
+from engine.live import ELIGIBILITY_CHANNEL
+from engine.rules import parse_rules, store_rules
 from engine.state import STANDARD_PROFILE
 from tests.city import BUS_FARE, BUS_FARE_STUDENT, STUDENT, EngineUnderTest, add_card, running_engine
 
@@ -133,6 +134,30 @@ async def test_eligibility_renewed_and_ended_live(engine: EngineUnderTest, conn:
     assert (await recorded(conn, seq))["info"] == TapInfo.CONCESSION_NOT_VALID
 
 
+def tiny_city_rules(version: int, bus_fare: int) -> str:
+    """A rules file for tests/city.py's city, with the standard bus fare given."""
+    return f"""
+[rules]
+version = {version}
+name = "test city, bus at {bus_fare}"
+
+[[services]]
+code = "bus"
+kind = "per_use"
+fares = {{ standard = {bus_fare}, student = {BUS_FARE_STUDENT} }}
+
+[[services]]
+code = "library"
+kind = "identification"
+fares = {{ standard = 0 }}
+
+[[services]]
+code = "kiosk"
+kind = "identification"
+fares = {{ standard = 0, student = 0 }}
+"""
+
+
 async def test_a_new_rules_version_decides_the_next_tap(engine: EngineUnderTest, conn: asyncpg.Connection) -> None:
     card = await add_card(conn, balance=5000)
     await engine.restart()
@@ -142,21 +167,16 @@ async def test_a_new_rules_version_decides_the_next_tap(engine: EngineUnderTest,
     version = (await recorded(conn, seq))["rules_version"]
 
     new_fare = BUS_FARE + 20
+    next_version = await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM rules_versions")
     before = applied_count(engine)
-    async with conn.transaction():
-        next_version = await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM rules_versions")
-        await conn.execute(
-            "INSERT INTO rules_versions (version, name, document, sha256, loaded_by)"
-            " VALUES ($1, 'dearer bus', $2::jsonb, repeat('a', 64), 'test')",
-            next_version,
-            '{"concessions": {"renewal_window_days": 30}}',
-        )
-        await conn.execute("UPDATE tariffs SET fare_cents = $1 WHERE service_id = 1 AND profile_id = 0", new_fare)
-        await conn.execute("SELECT pg_notify($1, $2)", RULES_CHANNEL, str(next_version))
+    await store_rules(conn, parse_rules(tiny_city_rules(next_version, new_fare)), actor="test", source_name="test")
     try:
         await applied_after(engine, before)
         seq = fresh_seq()
         assert (await client.tap(seq, card.uid)).amount_cents == new_fare
         assert (await recorded(conn, seq))["rules_version"] == next_version > version
     finally:
-        await conn.execute("UPDATE tariffs SET fare_cents = $1 WHERE service_id = 1 AND profile_id = 0", BUS_FARE)
+        # Later tests in this module expect the usual fare.
+        await store_rules(
+            conn, parse_rules(tiny_city_rules(next_version + 1, BUS_FARE)), actor="test", source_name="test"
+        )

@@ -19,7 +19,7 @@ import pytest
 
 from engine import __version__, fastpath
 from engine.client import AuthenticationError
-from engine.codes import ResultCode
+from engine.codes import ResultCode, TapInfo
 from engine.db import create_pool
 from engine.health import DatabaseProbe
 from engine.loop_lag import LoopLagMonitor
@@ -107,7 +107,19 @@ async def test_labels_stay_bounded(engine: EngineUnderTest, conn: asyncpg.Connec
     client = await engine.client()
     await client.tap(fresh_seq(), card.uid)
     label_names = {name for _, labels in samples(await read_metrics(engine)) for name, _ in labels}
-    allowed = {"service", "operation", "result", "reason", "outcome", "kind", "state", "le", "version", "fastpath"}
+    allowed = {
+        "service",
+        "operation",
+        "result",
+        "reason",
+        "outcome",
+        "kind",
+        "state",
+        "le",
+        "version",
+        "fastpath",
+        "flag",
+    }
     python_info = {"implementation", "major", "minor", "patchlevel"}
     assert label_names <= allowed | python_info
 
@@ -223,6 +235,7 @@ def test_decisions_are_counted_in_a_dict_and_exported_at_scrape_time() -> None:
         service_id = 7  # not named by the services table
         kind = 0
         result = int(ResultCode.CARD_NOT_ACTIVE)
+        info = int(TapInfo.SHARING_SUSPECTED | TapInfo.SHOW_ID)
 
     metrics = EngineMetrics()
     for _ in range(1000):
@@ -233,6 +246,26 @@ def test_decisions_are_counted_in_a_dict_and_exported_at_scrape_time() -> None:
     assert requests.value == 1000
     (declines,) = families["citycard_declines"].samples
     assert declines.labels == {"service": "unknown", "reason": "card_not_active"} and declines.value == 1000
+    # Flags are exported for the services the engine knows (none here), never per unknown id.
+    assert families["citycard_tap_flags"].samples == []
+
+
+def test_flags_are_counted_per_service_and_flag() -> None:
+    class FakeDecision:
+        service_id = 1
+        kind = 0
+        result = int(ResultCode.APPROVED)
+        info = int(TapInfo.SHARING_SUSPECTED | TapInfo.SHOW_ID)
+
+    metrics = EngineMetrics()
+    metrics._services = {1: "bus", 2: "pools"}
+    for _ in range(3):
+        metrics.count_decision(FakeDecision())  # type: ignore[arg-type]
+    families = {family.name: family for family in metrics.collect_decisions()}
+    flagged = {(s.labels["service"], s.labels["flag"]): s.value for s in families["citycard_tap_flags"].samples}
+    assert len(flagged) == 2 * 7  # every (service, flag) pair from zero
+    assert flagged[("bus", "sharing_suspected")] == flagged[("bus", "show_id")] == 3
+    assert flagged[("bus", "transfer")] == flagged[("pools", "show_id")] == 0
 
 
 @NEEDS_PROMTOOL

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from engine.codes import ErrorCode, MessageType, ResultCode
+from engine.codes import ErrorCode, MessageType, ResultCode, TapInfo
 
 PROTOCOL_DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -69,7 +69,7 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "REVERSAL": (("terminal_seq", "int"), ("original_seq", "int"), ("event_time_ms", "int")),
     "TAP_RESULT": (
         ("terminal_seq", "int"), ("result", "result"), ("amount_cents", "int"),
-        ("balance_cents", "int"),
+        ("balance_cents", "int"), ("info", "info"),
     ),
     "PING": (("payload", "int"),),
     "PONG": (("payload", "int"),),
@@ -115,6 +115,15 @@ def parse_value(kind: str, text: str) -> Any:
         value = json.loads(text)
         assert isinstance(value, str)
         return value
+    if kind == "info":
+        # The number in hex, then its bits' names, lowest first: both must agree.
+        number, *names = text.split()
+        assert re.fullmatch(r"0x[0-9a-f]{4}", number), f"info is 4 hex digits: {number!r}"
+        value = int(number, 16)
+        bits = [flag.name for flag in TapInfo if flag & value]
+        assert sum(TapInfo[name] for name in bits) == value, f"unknown bits in {number}"
+        assert names == (["|".join(bits)] if bits else []), f"{number} is not {names}"
+        return value
     # "result" / "error": the number, then its name, which must agree.
     number, name = text.split()
     enum = ResultCode if kind == "result" else ErrorCode
@@ -146,9 +155,33 @@ def test_every_message_type_has_a_vector() -> None:
     results = [
         vector_fields(vector) for vector in VECTORS if vector["message"] == "TAP_RESULT"
     ]
-    assert any(result == ResultCode.APPROVED for _, result, _, _ in results)
-    assert any(result != ResultCode.APPROVED for _, result, _, _ in results)
-    assert any(balance < 0 for _, _, _, balance in results)
+    assert any(result == ResultCode.APPROVED for _, result, _, _, _ in results)
+    assert any(result != ResultCode.APPROVED for _, result, _, _, _ in results)
+    assert any(balance < 0 for _, _, _, balance, _ in results)
+    assert any(info == TapInfo.CONCESSION_NOT_VALID for *_, info in results)
+    assert any(info.bit_count() > 1 for *_, info in results)
+
+
+def info_bits_table() -> list[tuple[int, str, str]]:
+    """(value, name, terminal action) of each row of the "Info bits" table."""
+    text = PROTOCOL_DOC.read_text(encoding="utf-8")
+    start = text.index("\n#### Info bits\n")
+    end = text.index("\n### ", start)
+    rows = []
+    for line in text[start:end].splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[1].startswith("`0x"):
+            rows.append((int(cells[1].strip("`"), 16), cells[2], cells[4]))
+    return rows
+
+
+def test_info_bits_table_lists_every_tap_info_bit() -> None:
+    """What a terminal reads about the bits is what the engine sets."""
+    rows = info_bits_table()
+    assert [(value, name) for value, name, _ in rows] == [
+        (flag.value, flag.name) for flag in TapInfo if flag
+    ]
+    assert all(action for _, _, action in rows)
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=vector_id)

@@ -82,6 +82,23 @@ async def test_terminals_follow_the_traffic(seeded_dsn: str) -> None:
     assert 700 <= weights[0] <= 800  # the bus: about three quarters of uses
 
 
+async def test_fixed_terminals_stand_in_gijon_and_buses_move(seeded_dsn: str) -> None:
+    conn = await connect(seeded_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT s.code, t.latitude, t.longitude FROM terminals t JOIN services s ON s.id = t.service_id"
+        )
+    finally:
+        await conn.close()
+    located = [row for row in rows if row["latitude"] is not None]
+    assert all(row["latitude"] is None and row["longitude"] is None for row in rows if row["code"] == "bus")
+    assert len(located) == sum(1 for row in rows if row["code"] != "bus")
+    assert all(43.50 <= row["latitude"] <= 43.56 and -5.72 <= row["longitude"] <= -5.60 for row in located)
+    # Two gates per site: far fewer places than terminals, but more than one.
+    places = {(row["latitude"], row["longitude"]) for row in located}
+    assert 1 < len(places) <= len(located) // 2 + len({row["code"] for row in located})
+
+
 async def test_tariffs_favour_concessions_and_children_ride_free(seeded_dsn: str) -> None:
     conn = await connect(seeded_dsn)
     try:

@@ -189,10 +189,10 @@ class SessionMachine(RuleBasedStateMachine):
             self.expect_error(written, fastpath.ERR_NOT_AUTHENTICATED, request_id)
             return
         assert [(msg_type, answered) for msg_type, answered, _ in written] == [(fastpath.MSG_TAP_RESULT, request_id)]
-        answered_seq, result, amount, _balance = fastpath.decode_tap_result(written[0][2])
+        answered_seq, result, amount, _balance, info = fastpath.decode_tap_result(written[0][2])
         assert answered_seq == seq
         if refused:
-            assert (result, amount) == (fastpath.RESULT_PROTOCOL_ERROR, 0)
+            assert (result, amount, info) == (fastpath.RESULT_PROTOCOL_ERROR, 0, 0)
         else:
             assert result != fastpath.RESULT_PROTOCOL_ERROR
 
