@@ -84,6 +84,7 @@ __all__ = [
     "FRAME_HEADER_BYTES",
     "INFO_CAPPED",
     "INFO_CONCESSION_NOT_VALID",
+    "INFO_REFUNDED",
     "INFO_RENEWAL_DUE",
     "INFO_SHARING_SUSPECTED",
     "INFO_SHOW_ID",
@@ -107,6 +108,7 @@ __all__ = [
     "MSG_TAP_RESULT",
     "MSG_TOPUP",
     "MS_PER_DAY",
+    "MS_PER_HOUR",
     "NONCE_BYTES",
     "NO_ACCOUNT",
     "NO_CAP",
@@ -143,6 +145,7 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "SERVICE_PER_DURATION",
     "STANDARD_PROFILE",
     "TAP_FLAGS_KNOWN",
     "TAP_FLAG_EXIT",
@@ -1122,6 +1125,10 @@ cpdef enum:
     INFO_TRANSFER = 0x08
     INFO_CAPPED = 0x10
     INFO_SHARING_SUSPECTED = 0x40
+    INFO_REFUNDED = 0x80
+    # A service charged by the hour (engine.codes.ServiceKind.PER_DURATION).
+    SERVICE_PER_DURATION = 1
+    MS_PER_HOUR = 3600000
     # Card status a suspected clone is given when the rules say so
     # (engine.codes.CardStatus.BLOCKED).
     CARD_STATUS_BLOCKED = 1
@@ -1185,6 +1192,8 @@ cdef class Decision:
     cdef public int64_t rules_version
     cdef public int64_t previous_counter
     cdef public int64_t cap_group
+    cdef public int64_t stay_ms
+    cdef public int64_t stay_charged
     cdef public list waiters
 
     def __init__(
@@ -1226,6 +1235,9 @@ cdef class Decision:
         # if its batch fails (Processor.batch_done).
         self.previous_counter = NO_COUNTER
         self.cap_group = NO_CAP
+        # The stay an exit tap closed (its entry time and charge), -1: none.
+        self.stay_ms = -1
+        self.stay_charged = 0
         self.waiters = []
 
     def fingerprint(self):
@@ -1308,6 +1320,9 @@ cdef class Activity:
     cdef public int64_t cap_day
     cdef public int64_t cap_month
     cdef public object cap_spent
+    cdef public int64_t stay_service
+    cdef public int64_t stay_ms
+    cdef public int64_t stay_charged
 
     def __init__(self):
         self.counter = NO_COUNTER  # the highest card counter seen
@@ -1319,6 +1334,11 @@ cdef class Activity:
         self.cap_month = -1
         # Cents charged under each cap group: [day totals..., month totals...].
         self.cap_spent = array.array("q", [0] * (2 * CAP_GROUPS_MAX))
+        # An open stay at a per-duration service: where, since when, and the
+        # maximum charge taken at its entry (part of it returns at the exit).
+        self.stay_service = -1
+        self.stay_ms = -1
+        self.stay_charged = 0
 
 
 cdef inline int64_t _floor_div(int64_t a, int64_t b):
@@ -1497,7 +1517,8 @@ def decide_tap(state, terminal, Decision decision not None):
     cdef int64_t recorded_ms, minimum_balance, passback_ms, service, left
     cdef int64_t cap_group = NO_CAP
     cdef int64_t info = 0
-    cdef bint exit_tap, transfer = False, starts_journey = False
+    cdef bint exit_tap, transfer = False, starts_journey = False, per_duration = False
+    cdef int64_t max_charge = 0, refund = 0, hours
     cdef Activity activity
     cdef long long* policy
     cdef long long* spent
@@ -1607,6 +1628,8 @@ def decide_tap(state, terminal, Decision decision not None):
             return
         transfer = policy[POLICY_TRANSFER] != 0
         cap_group = policy[POLICY_CAP_GROUP]
+        per_duration = policy[POLICY_KIND] == SERVICE_PER_DURATION
+        max_charge = policy[POLICY_MAX_CHARGE]
     if activity.last_ms >= 0 and _sharing_suspected(state, terminal, activity, recorded_ms):
         info |= INFO_SHARING_SUSPECTED
         if profile != STANDARD_PROFILE:
@@ -1615,7 +1638,19 @@ def decide_tap(state, terminal, Decision decision not None):
             decision.card_uid, decision.terminal_seq, state.show_id_permille):
         info |= INFO_SHOW_ID
     if exit_tap:
+        if (per_duration and activity.stay_service == service
+                and activity.stay_charged > 0):
+            # The stay costs the hourly fare per started hour, at most what
+            # was taken at the entry; the rest goes back to the card.
+            hours = max((recorded_ms - activity.stay_ms + MS_PER_HOUR - 1) // MS_PER_HOUR, 1)
+            refund = activity.stay_charged - min(fare * hours, activity.stay_charged)
+            if refund:
+                info |= INFO_REFUNDED
         fare = 0
+    elif fare and per_duration:
+        # The entry takes the most one stay can cost: a stay whose exit is
+        # never tapped has paid its maximum charge.
+        fare = max_charge
     elif fare:
         if (transfer and activity.transfer_ms >= 0
                 and recorded_ms - activity.transfer_ms <= state.transfer_window_ms):
@@ -1645,6 +1680,28 @@ def decide_tap(state, terminal, Decision decision not None):
     activity.last_service = service
     if starts_journey:
         activity.transfer_ms = recorded_ms
+    if per_duration:
+        if not exit_tap:
+            activity.stay_service = service
+            activity.stay_ms = recorded_ms
+            activity.stay_charged = fare
+        elif activity.stay_service == service:
+            decision.stay_ms = activity.stay_ms
+            decision.stay_charged = activity.stay_charged
+            activity.stay_service = -1
+            activity.stay_ms = -1
+            activity.stay_charged = 0
+    if refund:
+        # A credit, spendable once committed (like a refunded reversal).
+        # Python code ran since the pointers were taken: take it again.
+        pending_credit_column = state.pending_credit
+        _check_index(account, Py_SIZE(pending_credit_column), "account")
+        _int64_column(pending_credit_column, "pending_credit")[account] += refund
+        decision.amount = refund
+        decision.balance = available + refund
+        decision.source = state.revenue_account[service_id]
+        decision.target = account
+        decision.ledger_kind = LEDGER_FARE
     if fare:
         if cap_group != NO_CAP:
             spent = _int64_column(activity.cap_spent, "cap_spent")

@@ -59,6 +59,7 @@ __all__ = [
     "FRAME_HEADER_BYTES",
     "INFO_CAPPED",
     "INFO_CONCESSION_NOT_VALID",
+    "INFO_REFUNDED",
     "INFO_RENEWAL_DUE",
     "INFO_SHARING_SUSPECTED",
     "INFO_SHOW_ID",
@@ -82,6 +83,7 @@ __all__ = [
     "MSG_TAP_RESULT",
     "MSG_TOPUP",
     "MS_PER_DAY",
+    "MS_PER_HOUR",
     "NONCE_BYTES",
     "NO_ACCOUNT",
     "NO_CAP",
@@ -118,6 +120,7 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "SERVICE_PER_DURATION",
     "STANDARD_PROFILE",
     "TAP_FLAGS_KNOWN",
     "TAP_FLAG_EXIT",
@@ -1007,6 +1010,10 @@ INFO_SHOW_ID = 0x04
 INFO_TRANSFER = 0x08
 INFO_CAPPED = 0x10
 INFO_SHARING_SUSPECTED = 0x40
+INFO_REFUNDED = 0x80
+# A service charged by the hour (engine.codes.ServiceKind.PER_DURATION).
+SERVICE_PER_DURATION = 1
+MS_PER_HOUR = 3600000
 # Card status a suspected clone is given when the rules say so
 # (engine.codes.CardStatus.BLOCKED).
 CARD_STATUS_BLOCKED = 1
@@ -1069,6 +1076,8 @@ class Decision:
         "rules_version",
         "service_id",
         "source",
+        "stay_charged",
+        "stay_ms",
         "tap_flags",
         "target",
         "terminal_id",
@@ -1115,6 +1124,9 @@ class Decision:
         # if its batch fails (Processor.batch_done).
         self.previous_counter = NO_COUNTER
         self.cap_group = NO_CAP
+        # The stay an exit tap closed (its entry time and charge), -1: none.
+        self.stay_ms = -1
+        self.stay_charged = 0
         # (engine.decision.ReplyTarget, request_id) pairs.
         self.waiters: list[tuple[Any, int]] = []
 
@@ -1202,6 +1214,9 @@ class Activity:
         "last_ms",
         "last_service",
         "last_terminal",
+        "stay_charged",
+        "stay_ms",
+        "stay_service",
         "transfer_ms",
     )
 
@@ -1215,6 +1230,11 @@ class Activity:
         self.cap_month = -1
         # Cents charged under each cap group: [day totals..., month totals...].
         self.cap_spent = _array("q", [0] * (2 * CAP_GROUPS_MAX))
+        # An open stay at a per-duration service: where, since when, and the
+        # maximum charge taken at its entry (part of it returns at the exit).
+        self.stay_service = -1
+        self.stay_ms = -1
+        self.stay_charged = 0
 
 
 def month_of_day(day: int) -> int:
@@ -1414,6 +1434,8 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     minimum_balance = 0
     cap_group = NO_CAP
     transfer = False
+    per_duration = False
+    max_charge = 0
     if policy_row is not None:
         policy = _int64_column(policy_row, "policy row")
         _check_position(POLICY_FIELDS - 1, len(policy), "policy field")
@@ -1433,6 +1455,8 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
             return
         transfer = policy[POLICY_TRANSFER] != 0
         cap_group = policy[POLICY_CAP_GROUP]
+        per_duration = policy[POLICY_KIND] == SERVICE_PER_DURATION
+        max_charge = policy[POLICY_MAX_CHARGE]
     if activity.last_ms >= 0 and _sharing_suspected(state, terminal, activity, recorded_ms):
         info |= INFO_SHARING_SUSPECTED
         if profile != STANDARD_PROFILE:
@@ -1441,8 +1465,20 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     if concession and show_id_sampled(decision.card_uid, decision.terminal_seq, state.show_id_permille):
         info |= INFO_SHOW_ID
     starts_journey = False
+    refund = 0
     if exit_tap:
+        if per_duration and activity.stay_service == service_id and activity.stay_charged > 0:
+            # The stay costs the hourly fare per started hour, at most what
+            # was taken at the entry; the rest goes back to the card.
+            hours = max((recorded_ms - activity.stay_ms + MS_PER_HOUR - 1) // MS_PER_HOUR, 1)
+            refund = activity.stay_charged - min(fare * hours, activity.stay_charged)
+            if refund:
+                info |= INFO_REFUNDED
         fare = 0
+    elif fare and per_duration:
+        # The entry takes the most one stay can cost: a stay whose exit is
+        # never tapped has paid its maximum charge.
+        fare = max_charge
     elif fare:
         if transfer and activity.transfer_ms >= 0 and recorded_ms - activity.transfer_ms <= state.transfer_window_ms:
             fare = fare * (100 - state.transfer_percent_off) // 100
@@ -1471,6 +1507,26 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     activity.last_service = service_id
     if starts_journey:
         activity.transfer_ms = recorded_ms
+    if per_duration:
+        if not exit_tap:
+            activity.stay_service = service_id
+            activity.stay_ms = recorded_ms
+            activity.stay_charged = fare
+        elif activity.stay_service == service_id:
+            decision.stay_ms = activity.stay_ms
+            decision.stay_charged = activity.stay_charged
+            activity.stay_service = -1
+            activity.stay_ms = -1
+            activity.stay_charged = 0
+    if refund:
+        # A credit, spendable once committed (like a refunded reversal).
+        decision.amount = refund
+        decision.balance = available + refund
+        pending_credit = _int64_column(state.pending_credit, "pending_credit")
+        pending_credit[_check_position(account, len(pending_credit), "account")] += refund
+        decision.source = state.revenue_account[service_id]
+        decision.target = account
+        decision.ledger_kind = LEDGER_FARE
     if fare:
         if cap_group != NO_CAP:
             spent = activity.cap_spent

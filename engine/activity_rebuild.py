@@ -105,6 +105,23 @@ GROUP BY card_uid, service_id
 """
 
 
+# Per card and per-duration service, its latest approved tap there: when it
+# is an entry that took a charge, the stay is still open (its exit may come
+# after the restart and returns what the stay did not use). Stays older than
+# STAY_LOOKBACK_DAYS have paid their maximum charge for good.
+_STAYS_SQL = """
+SELECT card_uid, service_id, (extract(epoch FROM recorded_at) * 1000)::int8, amount_cents
+FROM (
+    SELECT DISTINCT ON (card_uid, service_id) card_uid, service_id, recorded_at, tap_flags, amount_cents
+    FROM taps
+    WHERE recorded_at >= $1 AND kind = $2 AND result = $3 AND service_id = ANY($4::int2[])
+    ORDER BY card_uid, service_id, recorded_at DESC
+) latest
+WHERE (tap_flags & $5) = 0 AND amount_cents > 0
+"""
+STAY_LOOKBACK_DAYS = 7
+
+
 @dataclass(frozen=True, slots=True)
 class RebuildSummary:
     """What a rebuild did: cards given an activity, rows read, time taken."""
@@ -132,6 +149,7 @@ async def rebuild_activity(conn: asyncpg.Connection, state: CityState, *, now_ms
         await _read_passages(conn, builder, now_ms)
         await _read_journeys(conn, builder, now_ms)
         await _read_cap_totals(conn, builder, now_ms)
+        await _read_stays(conn, builder, now_ms)
     # One assignment: the ladder sees the old memory or the new, never half.
     state.activity = builder.activities
     summary = RebuildSummary(cards=len(builder.activities), rows=builder.rows, seconds=time.perf_counter() - started)
@@ -307,3 +325,34 @@ def _month_start(month: int) -> datetime.datetime:
     """Midnight UTC of the first day of a month numbered as by
     ``fastpath.month_of_day`` (year * 12 + month - 1)."""
     return datetime.datetime(month // 12, month % 12 + 1, 1, tzinfo=datetime.UTC)
+
+
+async def _read_stays(conn: asyncpg.Connection, builder: _Builder, now_ms: int) -> None:
+    services = [
+        service
+        for service, row in builder.state.service_policy.items()
+        if row[fastpath.POLICY_KIND] == fastpath.SERVICE_PER_DURATION
+    ]
+    if not services:
+        return
+    uids, stay_services, times_ms, charges = await builder.columns(
+        conn,
+        _STAYS_SQL,
+        "card_uid, service_id, stay_ms, charged",
+        _time(now_ms - STAY_LOOKBACK_DAYS * _MS_PER_DAY),
+        OperationKind.TAP,
+        ResultCode.APPROVED,
+        services,
+        fastpath.TAP_FLAG_EXIT,
+    )
+    # A card holds one open stay: the latest entry wins, as in the ladder
+    # (an entry elsewhere replaces the stay it remembers).
+    latest: dict[int, tuple[int, int, int]] = {}
+    for card_uid, service_id, stay_ms, charged in zip(uids, stay_services, times_ms, charges, strict=True):
+        if card_uid not in latest or stay_ms > latest[card_uid][1]:
+            latest[card_uid] = (service_id, stay_ms, charged)
+    for card_uid, (service_id, stay_ms, charged) in latest.items():
+        if (activity := builder.activity(card_uid)) is not None:
+            activity.stay_service = service_id
+            activity.stay_ms = stay_ms
+            activity.stay_charged = charged

@@ -138,3 +138,4 @@ class TapInfo(enum.IntFlag):
     CAPPED = 0x10  # the fare was reduced to what is left under a daily or monthly cap
     PASS_USED = 0x20  # a season pass or multi-ride ticket paid this tap
     SHARING_SUSPECTED = 0x40  # the card was used too far away too soon
+    REFUNDED = 0x80  # an exit settled a stay: the amount went back to the card

@@ -334,7 +334,7 @@ class EngineMetrics:
         flagged = CounterMetricFamily(
             "citycard_tap_flags",
             "Committed decisions by service and TapInfo flag (concession not valid, renewal due, show ID,"
-            " transfer, capped, pass used, sharing suspected).",
+            " transfer, capped, pass used, sharing suspected, refunded).",
             labels=["service", "flag"],
         )
         for service_id, service in sorted(services.items()):

@@ -31,7 +31,7 @@ import orjson
 from engine.codes import CardStatus, OperationKind, ResultCode
 from engine.decision import Decision, ReplyTarget, request_fingerprint
 from engine.fastpath import CAP_GROUPS_MAX, NO_CAP
-from engine.ladder import TAP_FLAGS_KNOWN, Original, decide_reversal, decide_tap, decide_topup
+from engine.ladder import TAP_FLAG_EXIT, TAP_FLAGS_KNOWN, Original, decide_reversal, decide_tap, decide_topup
 from engine.limits import DB_COMMAND_TIMEOUT_S, LOOKUPS_MAX, RECENT_RESULTS_PER_TERMINAL, REVERSAL_WINDOW_S
 from engine.state import CityState, InvariantError, Terminal, now_ms
 from engine.writer import BatchWriter
@@ -424,6 +424,13 @@ class Processor:
             activity.counter = d.previous_counter
         if d.result == _CLONE_SUSPECTED and state.card_status[card] == CardStatus.BLOCKED:
             state.card_status[card] = CardStatus.ACTIVE  # the clone check blocked it: not recorded
+        if d.result == ResultCode.APPROVED and activity.stay_service == d.service_id:
+            if activity.stay_ms == d.recorded_ms and not d.tap_flags & TAP_FLAG_EXIT:
+                # The entry that opened this stay was not recorded: no stay.
+                activity.stay_service, activity.stay_ms, activity.stay_charged = -1, -1, 0
+        if d.result == ResultCode.APPROVED and d.stay_ms >= 0:
+            # The exit that closed a stay was not recorded: the stay is open again.
+            activity.stay_service, activity.stay_ms, activity.stay_charged = d.service_id, d.stay_ms, d.stay_charged
         if d.result == ResultCode.APPROVED and d.amount and d.cap_group != NO_CAP:
             spent = activity.cap_spent
             spent[d.cap_group] -= d.amount

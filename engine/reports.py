@@ -123,6 +123,8 @@ class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
 
 # One row per (service, profile, result): the decline reasons are spread over
 # rows and folded in Python; the money and uses sit on the result 0 rows.
+# An exit tap marked TapInfo.REFUNDED (info bit 128) returned money to the
+# card: the rest of the maximum charge its stay's entry took.
 # A reversal is counted under its original's fare profile when it records
 # none itself, so a refund lands where the fare did. The range on recorded_at
 # reads the day through the taps_recorded_at index. Originals are looked up
@@ -131,6 +133,7 @@ class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
 _DAILY_SQL = """
 WITH day AS MATERIALIZED (
     SELECT t.service_id, t.kind, t.result, t.amount_cents, t.card_uid, t.fare_profile,
+           (t.info & 128) <> 0 AS refunded,
            CASE WHEN t.kind = 2 THEN (
                SELECT o.kind FROM taps o WHERE o.terminal_id = t.terminal_id AND o.terminal_seq = t.original_seq
            ) END AS original_kind,
@@ -146,9 +149,11 @@ SELECT d.service_id,
        p.code AS profile,
        d.result,
        count(*) FILTER (WHERE d.kind = 0 AND d.result = 0) AS uses,
-       coalesce(sum(d.amount_cents) FILTER (WHERE d.kind = 0 AND d.result = 0), 0)::int8 AS fare_cents,
-       coalesce(sum(d.amount_cents) FILTER (WHERE d.kind = 2 AND d.result = 0 AND d.original_kind = 0), 0)::int8
-           AS refund_cents,
+       coalesce(sum(d.amount_cents) FILTER (WHERE d.kind = 0 AND d.result = 0 AND NOT d.refunded), 0)::int8
+           AS fare_cents,
+       coalesce(sum(d.amount_cents) FILTER (
+           WHERE d.result = 0 AND ((d.kind = 2 AND d.original_kind = 0) OR (d.kind = 0 AND d.refunded))
+       ), 0)::int8 AS refund_cents,
        count(*) FILTER (WHERE d.kind = 1 AND d.result = 0) AS topups,
        coalesce(sum(d.amount_cents) FILTER (WHERE d.kind = 1 AND d.result = 0), 0)::int8 AS topup_cents,
        coalesce(sum(d.amount_cents) FILTER (WHERE d.kind = 2 AND d.result = 0 AND d.original_kind = 1), 0)::int8
@@ -352,6 +357,7 @@ LIMIT $1
 _BATCHES_SQL = """
 WITH moved AS MATERIALIZED (
     SELECT t.batch_id, t.kind, t.service_id, t.account_id, t.amount_cents,
+           (t.info & 128) <> 0 AS refunded,
            CASE WHEN t.kind = 2 THEN (
                SELECT o.kind FROM taps o WHERE o.terminal_id = t.terminal_id AND o.terminal_seq = t.original_seq
            ) END AS original_kind
@@ -375,8 +381,10 @@ by_transfer AS (
            sum(taps_funding)::int8 AS taps_funding, sum(ledger_funding)::int8 AS ledger_funding
     FROM (
         SELECT batch_id, kind, service_id,
-               CASE WHEN kind = 0 THEN amount_cents WHEN original_kind = 0 THEN -amount_cents ELSE 0 END
-                   AS taps_revenue,
+               CASE WHEN kind = 0 AND refunded THEN -amount_cents
+                    WHEN kind = 0 THEN amount_cents
+                    WHEN original_kind = 0 THEN -amount_cents
+                    ELSE 0 END AS taps_revenue,
                0 AS ledger_revenue,
                CASE WHEN kind = 1 THEN -amount_cents WHEN original_kind = 1 THEN amount_cents ELSE 0 END
                    AS taps_funding,
@@ -394,7 +402,8 @@ by_card AS (
     SELECT batch_id, account_id, sum(taps_cents)::int8 AS taps_cents, sum(ledger_cents)::int8 AS ledger_cents
     FROM (
         SELECT batch_id, account_id,
-               CASE WHEN kind = 0 THEN -amount_cents
+               CASE WHEN kind = 0 AND refunded THEN amount_cents
+                    WHEN kind = 0 THEN -amount_cents
                     WHEN kind = 1 THEN amount_cents
                     WHEN original_kind = 0 THEN amount_cents
                     WHEN original_kind = 1 THEN -amount_cents

@@ -284,6 +284,75 @@ def test_a_new_month_starts_the_caps_again(fp: ModuleType) -> None:
     assert tap(fp, city, BUS_A, RICH, december).amount == BUS_FARE
 
 
+# --- paid by the hour ------------------------------------------------------------------
+
+HOUR = 3_600_000
+BIKE_MAX = 600
+
+
+def test_an_hourly_stay_takes_the_maximum_at_entry_and_returns_the_rest_at_exit(fp: ModuleType) -> None:
+    city = build_city()
+    entry = tap(fp, city, BIKE_DOCK, RICH, T0)
+    assert (entry.result, entry.amount, entry.balance) == (R.APPROVED, BIKE_MAX, 10_000 - BIKE_MAX)
+    account = city.card_account[city.card_position[RICH]]
+    assert city.pending_debit[account] == BIKE_MAX
+    # 90 minutes: two started hours at 50.
+    exit_ = tap(fp, city, BIKE_DOCK, RICH, T0 + 90 * MINUTE, exit_tap=True)
+    assert outcome(exit_) == (R.APPROVED, BIKE_MAX - 2 * BIKE_FARE, TapInfo.REFUNDED)
+    assert (exit_.source, exit_.target) == (city.revenue_account[BIKES], account)
+    assert city.pending_credit[account] == BIKE_MAX - 2 * BIKE_FARE  # spendable once committed
+    assert (exit_.stay_ms, exit_.stay_charged) == (T0, BIKE_MAX)
+    # The stay is closed: a second exit returns nothing.
+    assert outcome(tap(fp, city, BIKE_DOCK, RICH, T0 + 91 * MINUTE, exit_tap=True)) == (R.APPROVED, 0, 0)
+
+
+def test_a_short_stay_costs_one_hour_and_a_long_one_the_maximum(fp: ModuleType) -> None:
+    city = build_city()
+    tap(fp, city, BIKE_DOCK, RICH, T0)
+    assert tap(fp, city, BIKE_DOCK, RICH, T0 + 1000, exit_tap=True).amount == BIKE_MAX - BIKE_FARE
+    tap(fp, city, BIKE_DOCK, RICH, T0 + 2 * HOUR)
+    # 20 hours at 50 would be 1,000: the stay costs its maximum, nothing returns.
+    assert outcome(tap(fp, city, BIKE_DOCK, RICH, T0 + 22 * HOUR, exit_tap=True)) == (R.APPROVED, 0, 0)
+
+
+def test_a_missing_exit_leaves_the_maximum_charged(fp: ModuleType) -> None:
+    city = build_city()
+    first = tap(fp, city, BIKE_DOCK, RICH, T0)
+    second = tap(fp, city, BIKE_DOCK, RICH, T0 + 3 * HOUR)  # a new entry: the first stay never ended
+    assert (first.amount, second.amount) == (BIKE_MAX, BIKE_MAX)
+    exit_ = tap(fp, city, BIKE_DOCK, RICH, T0 + 3 * HOUR + 10 * MINUTE, exit_tap=True)
+    assert exit_.amount == BIKE_MAX - BIKE_FARE  # only the second stay is settled
+
+
+def test_a_free_profile_has_nothing_held(fp: ModuleType) -> None:
+    city = build_city(
+        RULES.replace("fares = { standard = 50, student = 25 }", "fares = { standard = 50, student = 0 }")
+    )
+    assert outcome(tap(fp, city, BIKE_DOCK, STUDENT_CARD, T0)) == (R.APPROVED, 0, 0)
+    assert outcome(tap(fp, city, BIKE_DOCK, STUDENT_CARD, T0 + HOUR, exit_tap=True)) == (R.APPROVED, 0, 0)
+
+
+def test_an_entry_needs_the_maximum_charge(fp: ModuleType) -> None:
+    city = build_city(RULES.replace("min_balance_to_enter_cents = 200", "min_balance_to_enter_cents = 0"))
+    assert tap(fp, city, BIKE_DOCK, POOR, T0).result == R.INSUFFICIENT_FUNDS  # 150 < 600
+
+
+def test_a_failed_batch_reopens_or_forgets_a_stay() -> None:
+    city = build_city()
+    processor = Processor(city, None)
+    entry = tap(fastpath, city, BIKE_DOCK, RICH, T0)
+    processor.batch_done([entry], committed=False)
+    activity = city.activity[city.card_position[RICH]]
+    assert (activity.stay_service, activity.stay_charged) == (-1, 0)  # the entry never happened
+    entry = tap(fastpath, city, BIKE_DOCK, RICH, T0 + 1000)
+    processor.batch_done([entry], committed=True)
+    exit_ = tap(fastpath, city, BIKE_DOCK, RICH, T0 + 2000, exit_tap=True)
+    processor.batch_done([exit_], committed=False)
+    assert (activity.stay_service, activity.stay_ms, activity.stay_charged) == (BIKES, T0 + 1000, BIKE_MAX)
+    # The terminal's retry settles the same stay.
+    assert tap(fastpath, city, BIKE_DOCK, RICH, T0 + 3000, exit_tap=True).amount == BIKE_MAX - BIKE_FARE
+
+
 # --- money at the door ------------------------------------------------------------------
 
 
@@ -292,7 +361,7 @@ def test_a_minimum_balance_to_enter(fp: ModuleType) -> None:
     assert tap(fp, city, BIKE_DOCK, POOR, T0).result == R.MINIMUM_BALANCE
     # Returning a bike is an exit: no minimum.
     assert tap(fp, city, BIKE_DOCK, POOR, T0 + MINUTE, exit_tap=True).result == R.APPROVED
-    assert outcome(tap(fp, city, BIKE_DOCK, RICH, T0)) == (R.APPROVED, BIKE_FARE, 0)
+    assert outcome(tap(fp, city, BIKE_DOCK, RICH, T0)) == (R.APPROVED, 600, 0)  # the hold of a stay
 
 
 def test_a_small_tolerated_negative_balance(fp: ModuleType) -> None:

@@ -48,6 +48,8 @@ FARES = {BUS: {0: 150, 1: 75}, POOL: {0: 400, 1: 250}, 3: {0: 50, 1: 25}, 4: {0:
 TOLERATED = {BUS: 50}
 PASSBACK_MS = {POOL: 300_000}
 MINIMUM = {3: 200}
+HOURLY = {3: 600}  # service -> the maximum charge of a stay (bikes, by the hour)
+HOUR_MS = 3_600_000
 TRANSFER_MS = 45 * 60_000
 DAILY_CAP, MONTHLY_CAP = 300, 400
 SPEED_KMH, MIN_DISTANCE_M = 120, 500
@@ -73,6 +75,7 @@ class ModelAccount:
     day_spent: int = 0
     cap_month: tuple[int, int] | None = None
     month_spent: int = 0
+    stay: tuple[int, int, int] | None = None  # (service, entry ms, charged) of an open stay
 
 
 @dataclass
@@ -109,8 +112,17 @@ class Model:
             if card.profile != STANDARD:
                 info |= TapInfo.SHOW_ID
         starts_journey = False
+        refund = 0
         if exit_tap:
+            if service in HOURLY and memory.stay is not None and memory.stay[0] == service and memory.stay[2] > 0:
+                _, entered, charged = memory.stay
+                hours = max(math.ceil((at - entered) / HOUR_MS), 1)
+                refund = charged - min(fare * hours, charged)
+                if refund:
+                    info |= TapInfo.REFUNDED
             fare = 0
+        elif fare and service in HOURLY:
+            fare = HOURLY[service]
         elif fare:
             if service == BUS and memory.journey_start is not None and at - memory.journey_start <= TRANSFER_MS:
                 fare = 0
@@ -136,6 +148,14 @@ class Model:
             return (R.INSUFFICIENT_FUNDS, 0, info)
         account.balance -= fare
         memory.last = (at, terminal, service)
+        if service in HOURLY:
+            if not exit_tap:
+                memory.stay = (service, at, fare)
+            elif memory.stay is not None and memory.stay[0] == service:
+                memory.stay = None
+        if refund:
+            account.balance += refund
+            return (R.APPROVED, refund, info)
         if starts_journey:
             memory.journey_start = at
         if service == BUS and fare:
