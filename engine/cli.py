@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cards", type=int, default=DEMO_CARDS)
     demo.add_argument("--listen", default=DEFAULT_LISTEN)
     demo.add_argument("--metrics", default=DEFAULT_METRICS)
+    demo.add_argument("--admin", default=DEFAULT_ADMIN, help="card-office interface HOST:PORT, or 'off'")
 
     migrate_cmd = commands.add_parser("migrate", help="apply schema migrations")
     _database_options(migrate_cmd)
@@ -316,7 +317,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"In another shell, tap a card:\n"
                 f"  .venv/bin/citycard tap{data_dir} --engine {config.listen_host}:{engine.port}"
                 f" --terminal {terminal} --card {card}\n"
-                f"Stop with Ctrl-C.\n",
+                + (
+                    f"and look at it as the card office does (admin interface on"
+                    f" {config.admin_host}:{engine.admin_port}):\n"
+                    f"  .venv/bin/citycard card show {card}{data_dir}"
+                    + (
+                        ""
+                        if f"{config.admin_host}:{engine.admin_port}" == DEFAULT_ADMIN
+                        else f" --admin-url http://{config.admin_host}:{engine.admin_port}"
+                    )
+                    + "\n"
+                    if engine.admin_port
+                    else ""
+                )
+                + "Stop with Ctrl-C.\n",
                 flush=True,
             )
 
