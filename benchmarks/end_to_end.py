@@ -30,10 +30,32 @@ What it does:
    ``--warmup`` seconds, replies are counted for ``--seconds``: ``taps_per_s``
    is replies received per second (every result code counts; errors are
    reported separately), latency is send -> reply of the replies received in
-   the window.
-4. The closed loop again against the engine started with ``--naive`` (one
+   the window. The seeded city's rules are in force (``rules/gijon.toml``,
+   stored by the seed as version 1): the bus validators' taps pay a fare,
+   and a card's later taps within 45 minutes are free transfers.
+4. With ``--rules-cost``, on the same engine right after: a rules version
+   with the same services and fares and every policy off
+   (``rules_without_policies``: no transfer, caps, products, passback,
+   minimum or tolerated balance, ID sampling, renewal warning or clone
+   blocking) is stored with ``engine.rules.store_rules``; the engine puts it
+   in force through LISTEN/NOTIFY, which the benchmark waits for by tapping
+   until a tap's record shows the new ``taps.rules_version``. The closed loop
+   runs again (``rules_off_taps_per_s``; ``rules_cost_percent = 100 * (1 -
+   taps_per_s / rules_off_taps_per_s)``, and the same for the engine's CPU
+   per tap), then the city's rules are stored again as a further version
+   and waited for, so every later phase runs under them. The two loops do
+   not write the same things: every card taps again within seconds, so
+   under the city's rules nearly every tap after a card's first is a free
+   transfer (no ledger entry, no balance to update), while with every
+   policy off each pays and cards run dry (INSUFFICIENT_FUNDS). The figure
+   is what the rules do to the whole engine on this load; what deciding
+   them costs per tap is ``benchmarks.fastpath``'s.
+5. The closed loop again against the engine started with ``--naive`` (one
    commit per tap), for ``--naive-seconds`` (default: ``--seconds``):
    ``ratio = taps_per_s / naive_taps_per_s``.
+
+Every phase reports its replies by result code (``results``) and by info
+bit (``info``: TRANSFER, CAPPED, ...), so a reader sees which rules fired.
 
 ``batch_size_mean`` is read from the engine's Prometheus endpoint
 (``citycard_batch_size_sum / citycard_batch_size_count`` over the window).
@@ -42,7 +64,12 @@ generator and PostgreSQL (embedded server only), in percent of one core: on
 a 2-core machine they share 200%.
 
 Terminal sequences start at microseconds since the epoch and increase by one
-per tap, so a rerun on the same database never reuses a sequence.
+per tap, so a rerun on the same database never reuses a sequence. Cards
+present a counter, as city cards do, so the engine's clone check runs on
+every tap: each card counts up from above the highest counter the
+database holds, one a tap, and always taps through the same session (the
+cards are dealt to the sessions, ``CardCycle``), whose frames the engine
+decides in order, so no tap of the benchmark is ever a suspected clone.
 
 One load-generating process, decided by measurement (docs/performance.md):
 on the 2-core development machine the generator uses 2-10% of a core, the
@@ -70,6 +97,7 @@ from pathlib import Path
 from typing import cast
 
 import asyncpg
+import msgspec
 import uvloop
 
 from benchmarks.common import (
@@ -88,11 +116,12 @@ from benchmarks.common import (
 from benchmarks.host_stalls import ProbeProcess, Stalls
 from benchmarks.plot import RESULTS_DIR, write_latency_curve
 from engine import fastpath
-from engine.codes import ErrorCode, MessageType, ResultCode, TerminalKind
+from engine.codes import ErrorCode, MessageType, ResultCode, TapInfo, TerminalKind
 from engine.db import connect, resolve_database
 from engine.keys import derive_terminal_key, load_master_key
 from engine.limits import MAX_IN_FLIGHT_PER_CONNECTION, NONCE_BYTES
 from engine.migrate import migrate
+from engine.rules import NAME_LENGTH_MAX, Rules, current_rules, store_rules
 from engine.seed import list_terminals, sample_cards, seed_city
 
 DEFAULT_SECONDS = 10.0
@@ -124,8 +153,10 @@ _ERROR = MessageType.ERROR
 _CHALLENGE = MessageType.CHALLENGE
 _AUTH_OK = MessageType.AUTH_OK
 
-# Result byte of a TAP_RESULT body: after the 8-byte terminal_seq (docs/protocol.md).
+# Result byte of a TAP_RESULT body: after the 8-byte terminal_seq; the info
+# bits (u16, big-endian) end it (docs/protocol.md).
 _RESULT_OFFSET = 8
+_INFO_OFFSET = 21
 _FINAL_DECLINE_MIN = 16
 _NOT_A_DECISION_MIN = ResultCode.BUSY_RETRY
 
@@ -149,6 +180,7 @@ class Phase:
     send_until_ns: int = 0
     replies_in_rate_window: int = 0
     results: list[int] = field(default_factory=lambda: [0] * 256)
+    infos: dict[int, int] = field(default_factory=dict)  # info bits -> replies
     latency_us: dict[int, int] = field(default_factory=dict)
     # Open loop: from the actual send, to show how much is the generator's lateness.
     latency_from_send_us: dict[int, int] = field(default_factory=dict)
@@ -162,12 +194,32 @@ class Phase:
     unexpected_replies: int = 0
 
 
-class CardCycle:
-    """Every usable card in a fixed random order, round and round."""
+class CardLane:
+    """One terminal's cards in a fixed random order, round and round, with
+    the counter each card presents next (one higher at every tap)."""
 
-    def __init__(self, uids: Sequence[int]) -> None:
+    def __init__(self, uids: Sequence[int], first_counter: int) -> None:
         self.uids = list(uids)
+        self.counters = [first_counter] * len(self.uids)
         self.index = 0
+
+
+class CardCycle:
+    """Every usable card, dealt to the terminals: each card taps through one
+    terminal only. The engine decides a session's frames in the order they
+    arrive, so a card's counters reach it in increasing order whatever the
+    other sessions do: no tap of the benchmark can look like a clone."""
+
+    def __init__(self, uids: Sequence[int], terminal_ids: Sequence[int], first_counter: int) -> None:
+        if len(uids) < len(terminal_ids):
+            raise ValueError(f"{len(uids)} usable cards cannot be dealt to {len(terminal_ids)} terminals")
+        lanes = len(terminal_ids)
+        self.lanes = {
+            terminal_id: CardLane(uids[number::lanes], first_counter) for number, terminal_id in enumerate(terminal_ids)
+        }
+
+    def lane(self, terminal_id: int) -> CardLane:
+        return self.lanes[terminal_id]
 
 
 class LoadConnection(asyncio.Protocol):
@@ -179,7 +231,7 @@ class LoadConnection(asyncio.Protocol):
         key: bytes,
         key_version: int,
         first_seq: int,
-        cards: CardCycle,
+        cards: CardLane,
         phase: Phase,
     ) -> None:
         self.terminal_id = terminal_id
@@ -227,6 +279,7 @@ class LoadConnection(asyncio.Protocol):
         replies = 0
         recording = phase.record_from_ns <= now < phase.record_until_ns
         results = phase.results
+        infos = phase.infos
         latency_us = phase.latency_us
         for msg_type, request_id, body in self.reader.feed(data):
             if msg_type == _TAP_RESULT:
@@ -237,6 +290,8 @@ class LoadConnection(asyncio.Protocol):
                 replies += 1
                 if recording:
                     results[body[_RESULT_OFFSET]] += 1
+                    info = body[_INFO_OFFSET] << 8 | body[_INFO_OFFSET + 1]
+                    infos[info] = infos.get(info, 0) + 1
                     latency = (now - times[0]) // 1000
                     latency_us[latency] = latency_us.get(latency, 0) + 1
                     if not phase.closed_loop:
@@ -301,18 +356,22 @@ class LoadConnection(asyncio.Protocol):
         event_ms = time.time_ns() // 1_000_000
         cards = self.cards
         uids = cards.uids
+        counters = cards.counters
         card_count = len(uids)
+        index = cards.index
         waiting = self.waiting
         request_id = self.next_request_id
         seq = self.next_seq
         frames = []
         for number in range(count):
-            uid = uids[cards.index]
-            cards.index = (cards.index + 1) % card_count
-            frames.append(encode_tap(request_id, seq, uid, 0, event_ms, 0))
+            counter = counters[index]
+            counters[index] = counter + 1
+            frames.append(encode_tap(request_id, seq, uids[index], counter, event_ms, 0))
+            index = index + 1 if index + 1 < card_count else 0
             waiting[request_id] = (now if scheduled is None else scheduled[number], now)
             request_id += 1
             seq += 1
+        cards.index = index
         self.next_request_id = request_id
         self.next_seq = seq
         self.phase.sent += count
@@ -399,7 +458,9 @@ async def open_sessions(
     for terminal in terminals:
 
         def factory(terminal: Terminal = terminal) -> LoadConnection:
-            return LoadConnection(terminal.id, terminal.key, terminal.key_version, seqs[terminal.id], cards, phase)
+            return LoadConnection(
+                terminal.id, terminal.key, terminal.key_version, seqs[terminal.id], cards.lane(terminal.id), phase
+            )
 
         _transport, protocol = await asyncio.wait_for(loop.create_connection(factory, host, port), CONNECT_TIMEOUT_S)
         connections.append(protocol)
@@ -637,9 +698,146 @@ async def burst_loop(
     }
 
 
+# --- the city's rules on versus off ---------------------------------------------------------
+
+# The versions --rules-cost loads are recorded as loaded by this actor, from this source.
+RULES_ACTOR = "benchmark"
+RULES_SOURCE_NAME = "benchmarks.end_to_end --rules-cost"
+
+# A running engine puts a stored version in force within milliseconds of its
+# commit (a NOTIFY, then a few queries); beyond this its listener is broken.
+RULES_APPLY_TIMEOUT_S = 30.0
+# Each probe is a closed loop of one tap in flight on one session, this
+# long; the record of its last tap then says which version decided it.
+RULES_PROBE_S = 0.05
+RULES_PROBE_INTERVAL_S = 0.1
+
+
+def rules_without_policies(rules: Rules, version: int) -> Rules:
+    """``rules`` as version ``version`` with the same services, kinds and fares
+    and every policy off: no transfer, caps or products, no passback, minimum
+    balance or tolerated negative balance, no ID sampling or renewal warning,
+    no clone blocking. (The sharing check needs located terminals; the seeded
+    city has none, so it runs in neither phase.)
+
+    >>> from engine.rules import EXAMPLE, parse_rules
+    >>> off = rules_without_policies(parse_rules(EXAMPLE), 2)
+    >>> off.version, off.transfer, off.security.clone_blocks_card
+    (2, None, False)
+    """
+    replace = msgspec.structs.replace
+    return replace(
+        rules,
+        rules=replace(rules.rules, version=version, name=f"{rules.name} (every policy off)"[:NAME_LENGTH_MAX]),
+        services=tuple(
+            replace(service, min_balance_to_enter_cents=0, tolerated_negative_cents=0, passback_window_s=0)
+            for service in rules.services
+        ),
+        transfer=None,
+        caps=(),
+        products=(),
+        concessions=replace(rules.concessions, show_id_permille=0, renewal_window_days=0),
+        security=replace(rules.security, clone_blocks_card=False),
+    )
+
+
+async def wait_for_rules(
+    conn: asyncpg.Connection,
+    engine: EngineProcess,
+    pgdata: Path | None,
+    terminals: Sequence[Terminal],
+    seqs: dict[int, int],
+    cards: CardCycle,
+    version: int,
+) -> tuple[float, int]:
+    """Tap on one session until a tap's record shows ``version``: the engine
+    decides every later tap under it. Returns (seconds waited, errors among
+    the probe's taps)."""
+    probe = terminals[:1]
+    started = time.monotonic()
+    errors = 0
+    while True:
+        report = await closed_loop(engine, pgdata, probe, seqs, cards, seconds=RULES_PROBE_S, warmup_s=0.0, pipeline=1)
+        errors += _count(report, "errors")
+        decided_by = await conn.fetchval(
+            "SELECT rules_version FROM taps WHERE terminal_id = $1 AND terminal_seq = $2",
+            probe[0].id,
+            seqs[probe[0].id] - 1,
+        )
+        if decided_by is not None and decided_by >= version:
+            return time.monotonic() - started, errors
+        if time.monotonic() - started > RULES_APPLY_TIMEOUT_S:
+            raise SystemExit(
+                f"rules version {version} not in force after {RULES_APPLY_TIMEOUT_S:.0f} s"
+                f" (the probe's last tap was decided by version {decided_by})"
+            )
+        await asyncio.sleep(RULES_PROBE_INTERVAL_S)
+
+
+async def rules_off_loop(
+    engine: EngineProcess,
+    dsn: str,
+    pgdata: Path | None,
+    terminals: Sequence[Terminal],
+    seqs: dict[int, int],
+    cards: CardCycle,
+    *,
+    seconds: float,
+    warmup_s: float,
+    pipeline: int,
+) -> dict[str, object]:
+    """The closed loop under the city's rules with every policy off, loaded
+    into the running engine as a new version; then the city's rules again,
+    as a further version, so that later phases run under them."""
+    conn = await connect(dsn)
+    try:
+        found = await current_rules(conn)
+        if found is None:
+            raise SystemExit("--rules-cost: the city has no rules version to compare with")
+        version, rules = found
+        rules_off = rules_without_policies(rules, version + 1)
+        await store_rules(conn, rules_off, actor=RULES_ACTOR, source_name=RULES_SOURCE_NAME)
+        off_after_s, off_probe_errors = await wait_for_rules(
+            conn, engine, pgdata, terminals, seqs, cards, rules_off.version
+        )
+        report = await closed_loop(
+            engine, pgdata, terminals, seqs, cards, seconds=seconds, warmup_s=warmup_s, pipeline=pipeline
+        )
+        rules_again = msgspec.structs.replace(rules, rules=msgspec.structs.replace(rules.rules, version=version + 2))
+        await store_rules(conn, rules_again, actor=RULES_ACTOR, source_name=RULES_SOURCE_NAME)
+        again_after_s, again_probe_errors = await wait_for_rules(
+            conn, engine, pgdata, terminals, seqs, cards, rules_again.version
+        )
+    finally:
+        await conn.close()
+    return {
+        **report,
+        "rules_versions": {"on": version, "off": rules_off.version, "on_again": rules_again.version},
+        "in_force_after_s": {"off": round(off_after_s, 3), "on_again": round(again_after_s, 3)},
+        "probe_errors": off_probe_errors + again_probe_errors,
+    }
+
+
 def _rate(report: dict[str, object] | None) -> float:
     assert report is not None
     return float(report["taps_per_s"])  # type: ignore[arg-type]
+
+
+def _count(report: dict[str, object] | None, key: str) -> int:
+    """An integer of a phase's report; 0 for a phase that did not run."""
+    value = report[key] if report is not None else 0
+    assert isinstance(value, int), (key, value)
+    return value
+
+
+def _cpu_cost_percent(on: dict[str, object], off: dict[str, object] | None) -> float | None:
+    """How much more engine CPU per tap ``on`` took than ``off``, in percent."""
+    if off is None:
+        return None
+    on_us, off_us = on["engine_cpu_us_per_tap"], off["engine_cpu_us_per_tap"]
+    if not isinstance(on_us, float | int) or not isinstance(off_us, float | int) or not off_us:
+        return None
+    return round(100.0 * (on_us / off_us - 1.0), 1)
 
 
 def summarize(phase: Phase, seconds: float, resource_usage: dict[str, object]) -> dict[str, object]:
@@ -648,6 +846,10 @@ def summarize(phase: Phase, seconds: float, resource_usage: dict[str, object]) -
     latency = latency_summary(histogram)
     results = {ResultCode(code).name: n for code, n in enumerate(phase.results) if n and code in _RESULT_CODES}
     unknown_results = sum(n for code, n in enumerate(phase.results) if n and code not in _RESULT_CODES)
+    info = {str(flag.name): sum(n for bits, n in phase.infos.items() if bits & flag) for flag in TapInfo if flag}
+    taps_per_s = round(phase.replies_in_rate_window / seconds, 1)
+    cpu_percent = resource_usage.get("cpu_percent")
+    engine_percent = cpu_percent.get("engine") if isinstance(cpu_percent, dict) else None
     approved = phase.results[ResultCode.APPROVED]
     declined = sum(phase.results[_FINAL_DECLINE_MIN:_NOT_A_DECISION_MIN])
     not_decided = sum(phase.results[_NOT_A_DECISION_MIN:])
@@ -655,7 +857,12 @@ def summarize(phase: Phase, seconds: float, resource_usage: dict[str, object]) -
         not_decided + unknown_results + sum(phase.error_frames.values()) + phase.unanswered + phase.unexpected_replies
     )
     return {
-        "taps_per_s": round(phase.replies_in_rate_window / seconds, 1),
+        "taps_per_s": taps_per_s,
+        # The engine's CPU per reply in the window, apart from the database's:
+        # what deciding and answering a tap cost the engine.
+        "engine_cpu_us_per_tap": (
+            round(engine_percent / 100 * 1e6 / taps_per_s, 1) if engine_percent is not None and taps_per_s else None
+        ),
         "p50_ms": latency["p50_ms"],
         "p90_ms": latency["p90_ms"],
         "p99_ms": latency["p99_ms"],
@@ -666,6 +873,7 @@ def summarize(phase: Phase, seconds: float, resource_usage: dict[str, object]) -
         "declined": declined,
         "errors": errors,
         "results": results,
+        "info": {name: n for name, n in info.items() if n},
         "error_detail": {
             "not_decided_results": not_decided,
             "error_frames": dict(phase.error_frames),
@@ -687,6 +895,9 @@ _RESULT_CODES = {int(code) for code in ResultCode}
 class City:
     terminals: list[Terminal]
     card_uids: list[int]
+    # Above every counter the city's taps ever presented: the first counter
+    # each card presents, so that a run on a reused database is no clone.
+    first_counter: int
     cards_in_city: int
     seeded_now: bool
     postgres_version: str
@@ -716,8 +927,9 @@ async def prepare_city(dsn: str, cards: int, connections: int, master: bytes) ->
         chosen = terminals[:connections]
         samples = await sample_cards(conn, cards_in_city, seed=SEED)
         uids = [card.uid for card in samples if card.balance_cents > 0]
-        if not uids:
-            raise SystemExit("the city has no active card with a balance")
+        if len(uids) < connections:
+            raise SystemExit(f"--connections {connections}: the city has only {len(uids)} active cards with a balance")
+        first_counter = int(await conn.fetchval("SELECT coalesce(max(card_counter), 0) + 1 FROM taps"))
         version = str(await conn.fetchval("SHOW server_version"))
         settings = {}
         for name in ("fsync", "synchronous_commit", "shared_buffers", "wal_sync_method", "max_connections"):
@@ -727,6 +939,7 @@ async def prepare_city(dsn: str, cards: int, connections: int, master: bytes) ->
     return City(
         terminals=[Terminal(t.id, derive_terminal_key(master, t.id, t.key_version), t.key_version) for t in chosen],
         card_uids=uids,
+        first_counter=first_counter,
         cards_in_city=cards_in_city,
         seeded_now=seeded_now,
         postgres_version=version,
@@ -782,6 +995,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the closed loop with metrics off, to show what counting costs",
     )
+    parser.add_argument(
+        "--rules-cost",
+        action="store_true",
+        help="also run the closed loop under the same fares with every rules policy off, to show what the rules cost",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -826,7 +1044,7 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         pgdata = database.embedded.pgdata if database.embedded is not None else None
         city = uvloop.run(prepare_city(database.dsn, args.cards, args.connections, master))
         random.Random(SEED).shuffle(city.card_uids)
-        cards = CardCycle(city.card_uids)
+        cards = CardCycle(city.card_uids, [terminal.id for terminal in city.terminals], city.first_counter)
         base_seq = time.time_ns() // 1000
         seqs = {terminal.id: base_seq for terminal in city.terminals}
         open_report: dict[str, object] | None = None
@@ -889,6 +1107,24 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
                     pipeline=args.pipeline,
                 )
             )
+            rules_off: dict[str, object] | None = None
+            if args.rules_cost:
+                # The same engine, the same closed loop, right after, under
+                # the same fares with every policy off; the city's rules are
+                # back in force when it returns.
+                rules_off = uvloop.run(
+                    rules_off_loop(
+                        engine,
+                        database.dsn,
+                        pgdata,
+                        city.terminals,
+                        seqs,
+                        cards,
+                        seconds=args.seconds,
+                        warmup_s=args.warmup,
+                        pipeline=args.pipeline,
+                    )
+                )
         metrics_off: dict[str, object] | None = None
         metrics_on_again: dict[str, object] | None = None
         if args.metrics_cost:
@@ -951,13 +1187,22 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         # run goes on, later phases see more declines, which cost less.
         "metrics_cost_percent": (
             round(
-                100.0
-                * (1.0 - _rate(metrics_on_again) / _rate(metrics_off)),
+                100.0 * (1.0 - _rate(metrics_on_again) / _rate(metrics_off)),
                 1,
             )
             if metrics_off is not None and metrics_on_again is not None
             else None
         ),
+        "rules_off_taps_per_s": rules_off["taps_per_s"] if rules_off is not None else None,
+        # Throughput lost to the city's rules: the closed loop under the
+        # seeded rules against the same loop right after it, same engine,
+        # same fares, every policy off, in percent of the latter (negative:
+        # the rules-on loop was faster).
+        "rules_cost_percent": (
+            round(100.0 * (1.0 - taps_per_s / _rate(rules_off)), 1) if rules_off is not None else None
+        ),
+        # The same comparison for the engine's CPU per tap, apart from the database's.
+        "rules_engine_cpu_cost_percent": _cpu_cost_percent(batched, rules_off),
         "approved": batched["approved"],
         "declined": batched["declined"],
         "errors": batched["errors"]
@@ -965,7 +1210,9 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         + (open_report["errors"] if open_report is not None else 0)
         + (burst_report["errors"] if burst_report is not None else 0)
         + (metrics_off["errors"] if metrics_off is not None else 0)
-        + (metrics_on_again["errors"] if metrics_on_again is not None else 0),
+        + (metrics_on_again["errors"] if metrics_on_again is not None else 0)
+        + _count(rules_off, "errors")
+        + _count(rules_off, "probe_errors"),
         "seconds": args.seconds,
         "connections": args.connections,
         "pipeline": args.pipeline,
@@ -974,6 +1221,7 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         "naive": naive,
         "metrics_off": metrics_off,
         "metrics_on_again": metrics_on_again,
+        "rules_off": rules_off,
     }
     if open_report is not None:
         report["open_loop"] = open_report
@@ -997,6 +1245,8 @@ def run(args: argparse.Namespace, data_dir: Path, naive_seconds: float) -> dict[
         "database": "external (--dsn)" if args.dsn else "embedded PostgreSQL in a temporary directory",
         "postgres": city.postgres_settings,
         "load_generator": "1 process, uvloop, engine.fastpath codec",
+        "card_counters": f"each card through one session, counters from {city.first_counter} up, one a tap",
+        "rules_cost": args.rules_cost,
         "engine": "citycard serve subprocess, --log-level WARNING",
     }
     return report
@@ -1023,6 +1273,12 @@ def print_summary(report: dict[str, object]) -> None:
         add(
             f"open loop at {open_report['offered_rate']:,.0f}/s: achieved {open_report['achieved_rate']:,.0f}/s,"
             f" p50 {open_report['p50_ms']} ms, p99 {open_report['p99_ms']} ms, errors {open_report['errors']}"
+        )
+    rules_off = report.get("rules_off")
+    if isinstance(rules_off, dict):
+        add(
+            f"rules off: {rules_off['taps_per_s']:,.0f} taps/s, p50 {rules_off['p50_ms']} ms,"
+            f" p99 {rules_off['p99_ms']} ms -> rules cost {report['rules_cost_percent']} %"
         )
     add(f"{report['connections']} connections x {report['pipeline']} in flight, {report['cards']:,} cards")
     print("\n".join(lines))

@@ -49,7 +49,7 @@ from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
-from libc.math cimport asin, cos, sin, sqrt, M_PI
+from libc.math cimport NAN, asin, cos, isnan, sin, sqrt, M_PI
 
 cimport cython
 
@@ -146,6 +146,14 @@ __all__ = [
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
     "SERVICE_PER_DURATION",
+    "SETTINGS_FIELDS",
+    "SETTING_CLONE_BLOCKS_CARD",
+    "SETTING_RENEWAL_WINDOW_DAYS",
+    "SETTING_SHARING_MAX_SPEED_KMH",
+    "SETTING_SHARING_MIN_DISTANCE_M",
+    "SETTING_SHOW_ID_PERMILLE",
+    "SETTING_TRANSFER_PERCENT_OFF",
+    "SETTING_TRANSFER_WINDOW_MS",
     "STANDARD_PROFILE",
     "TAP_FLAGS_KNOWN",
     "TAP_FLAG_EXIT",
@@ -1141,6 +1149,16 @@ cpdef enum:
     POLICY_CAP_GROUP = 5  # index of the service's cap group, -1: not capped
     POLICY_MAX_CHARGE = 6  # per-duration: charged when the exit is missing
     POLICY_FIELDS = 7
+    # The city-wide rule settings, one int64 each in ``state.settings`` (read
+    # once per tap instead of an attribute each):
+    SETTING_TRANSFER_WINDOW_MS = 0
+    SETTING_TRANSFER_PERCENT_OFF = 1
+    SETTING_SHOW_ID_PERMILLE = 2
+    SETTING_CLONE_BLOCKS_CARD = 3  # 1: a suspected clone is blocked
+    SETTING_SHARING_MAX_SPEED_KMH = 4  # 0: the sharing check is off
+    SETTING_SHARING_MIN_DISTANCE_M = 5
+    SETTING_RENEWAL_WINDOW_DAYS = 6
+    SETTINGS_FIELDS = 7
     # Cap groups a rules version may define: the card keeps a day and a
     # month total per group.
     CAP_GROUPS_MAX = 8
@@ -1316,6 +1334,8 @@ cdef class Activity:
     cdef public int64_t last_ms
     cdef public int64_t last_terminal
     cdef public int64_t last_service
+    cdef public double last_latitude
+    cdef public double last_longitude
     cdef public int64_t transfer_ms
     cdef public int64_t cap_day
     cdef public int64_t cap_month
@@ -1329,6 +1349,9 @@ cdef class Activity:
         self.last_ms = -1  # the last tap that passed the checks: when, where
         self.last_terminal = -1
         self.last_service = -1
+        # Where the last passage was, NaN when its terminal is not located.
+        self.last_latitude = NAN
+        self.last_longitude = NAN
         self.transfer_ms = -1  # the last full-fare boarding at a transfer service
         self.cap_day = -1  # the day and month the cap totals are for
         self.cap_month = -1
@@ -1402,23 +1425,21 @@ cpdef double distance_m(double latitude_a, double longitude_a,
     return 2 * 6371000.0 * asin(min(1.0, sqrt(h)))
 
 
-cdef bint _sharing_suspected(state, terminal, Activity activity,
-                             int64_t recorded_ms) except -1:
-    """The card was at a located terminal farther away than can be travelled
-    (at the rules' speed) in the time since."""
-    if (activity.last_terminal < 0 or activity.last_terminal == terminal.id
-            or terminal.latitude is None):
+cdef bint _sharing_suspected(Activity activity, double latitude, double longitude,
+                             int64_t recorded_ms, int64_t speed_kmh,
+                             int64_t min_distance_m) except -1:
+    """The card's last passage was at a located terminal farther from this
+    one (at ``latitude``, ``longitude``) than can be travelled at the
+    rules' speed in the time since."""
+    if speed_kmh <= 0 or isnan(activity.last_latitude):  # off, or not located
         return False
-    previous = state.terminals.get(activity.last_terminal)
-    if previous is None or previous.latitude is None:
-        return False
-    cdef double metres = distance_m(previous.latitude, previous.longitude,
-                                    terminal.latitude, terminal.longitude)
-    if metres < state.sharing_min_distance_m:
+    cdef double metres = distance_m(activity.last_latitude, activity.last_longitude,
+                                    latitude, longitude)
+    if metres < <double>min_distance_m:
         return False
     cdef int64_t elapsed_ms = recorded_ms - activity.last_ms
     # km/h -> metres per millisecond: speed * 1000 / 3_600_000.
-    return metres * 3600 > state.sharing_max_speed_kmh * max(elapsed_ms, 0)
+    return metres * 3600 > speed_kmh * max(elapsed_ms, 0)
 
 
 # --- The city's columns, checked once per use -------------------------------
@@ -1513,7 +1534,7 @@ def decide_tap(state, terminal, Decision decision not None):
     cdef Py_ssize_t card, account
     cdef unsigned char status, profile
     cdef int64_t available, fare, committed, pending, account_floor, day
-    cdef int64_t eligible_from, eligible_until, renewal_days, counter
+    cdef int64_t eligible_from, eligible_until, counter
     cdef int64_t recorded_ms, minimum_balance, passback_ms, service, left
     cdef int64_t cap_group = NO_CAP
     cdef int64_t info = 0
@@ -1533,7 +1554,6 @@ def decide_tap(state, terminal, Decision decision not None):
     service_id = terminal.service_id
     cdef dict fares_by_service = state.fares
     decision.rules_version = state.rules_version
-    renewal_days = state.renewal_window_days
     card_account_column = state.card_account
     card_status_column = state.card_status
     card_profile_column = state.card_profile
@@ -1547,6 +1567,11 @@ def decide_tap(state, terminal, Decision decision not None):
     cdef unsigned char* card_profile = _byte_column(card_profile_column, "card_profile")
     cdef int* card_eligible_from = _int32_column(eligible_from_column, "card_eligible_from")
     cdef int* card_eligible_until = _int32_column(eligible_until_column, "card_eligible_until")
+    # The settings array is never resized (a rules version installs a new
+    # one), and this local keeps the one read alive: its pointer stays valid.
+    settings_column = state.settings
+    cdef long long* settings = _int64_column(settings_column, "settings")
+    _check_index(SETTINGS_FIELDS - 1, Py_SIZE(settings_column), "setting")
     cdef long long* balance = _int64_column(balance_column, "balance")
     cdef long long* pending_debit = _int64_column(pending_debit_column, "pending_debit")
     cdef long long* floor = _int64_column(floor_column, "floor")
@@ -1579,7 +1604,7 @@ def decide_tap(state, terminal, Decision decision not None):
         if (counter != NO_COUNTER and activity.counter != NO_COUNTER
                 and counter <= activity.counter):  # backwards, or the same count again
             decision.result = RESULT_CLONE_SUSPECTED
-            if state.clone_blocks_card:
+            if settings[SETTING_CLONE_BLOCKS_CARD]:
                 # Python code ran since the pointers were taken: take it again.
                 _byte_column(card_status_column, "card_status")[card] = CARD_STATUS_BLOCKED
             return
@@ -1590,7 +1615,7 @@ def decide_tap(state, terminal, Decision decision not None):
         if day < eligible_from or day > eligible_until:
             profile = STANDARD_PROFILE
             info |= INFO_CONCESSION_NOT_VALID
-        elif eligible_until - day < renewal_days:
+        elif eligible_until - day < settings[SETTING_RENEWAL_WINDOW_DAYS]:
             info |= INFO_RENEWAL_DUE
     decision.fare_profile = profile
     # A dict look-up by an int key runs no Python code.
@@ -1630,12 +1655,21 @@ def decide_tap(state, terminal, Decision decision not None):
         cap_group = policy[POLICY_CAP_GROUP]
         per_duration = policy[POLICY_KIND] == SERVICE_PER_DURATION
         max_charge = policy[POLICY_MAX_CHARGE]
-    if activity.last_ms >= 0 and _sharing_suspected(state, terminal, activity, recorded_ms):
+    located = terminal.latitude
+    cdef double latitude = NAN, longitude = NAN
+    if located is not None:
+        latitude = located
+        longitude = terminal.longitude
+    if (located is not None and activity.last_ms >= 0
+            and activity.last_terminal != decision.terminal_id
+            and _sharing_suspected(activity, latitude, longitude, recorded_ms,
+                                   settings[SETTING_SHARING_MAX_SPEED_KMH],
+                                   settings[SETTING_SHARING_MIN_DISTANCE_M])):
         info |= INFO_SHARING_SUSPECTED
         if profile != STANDARD_PROFILE:
             info |= INFO_SHOW_ID
     if profile != STANDARD_PROFILE and show_id_sampled(
-            decision.card_uid, decision.terminal_seq, state.show_id_permille):
+            decision.card_uid, decision.terminal_seq, settings[SETTING_SHOW_ID_PERMILLE]):
         info |= INFO_SHOW_ID
     if exit_tap:
         if (per_duration and activity.stay_service == service
@@ -1653,8 +1687,8 @@ def decide_tap(state, terminal, Decision decision not None):
         fare = max_charge
     elif fare:
         if (transfer and activity.transfer_ms >= 0
-                and recorded_ms - activity.transfer_ms <= state.transfer_window_ms):
-            fare = fare * (100 - <int64_t>state.transfer_percent_off) // 100
+                and recorded_ms - activity.transfer_ms <= settings[SETTING_TRANSFER_WINDOW_MS]):
+            fare = fare * (100 - settings[SETTING_TRANSFER_PERCENT_OFF]) // 100
             info |= INFO_TRANSFER
         else:
             starts_journey = transfer
@@ -1676,7 +1710,9 @@ def decide_tap(state, terminal, Decision decision not None):
     decision.balance = available - fare
     # Only an approved tap is a passage: the next checks start from it.
     activity.last_ms = recorded_ms
-    activity.last_terminal = terminal.id
+    activity.last_terminal = decision.terminal_id
+    activity.last_latitude = latitude
+    activity.last_longitude = longitude
     activity.last_service = service
     if starts_journey:
         activity.transfer_ms = recorded_ms

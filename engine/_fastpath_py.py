@@ -121,6 +121,14 @@ __all__ = [
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
     "SERVICE_PER_DURATION",
+    "SETTINGS_FIELDS",
+    "SETTING_CLONE_BLOCKS_CARD",
+    "SETTING_RENEWAL_WINDOW_DAYS",
+    "SETTING_SHARING_MAX_SPEED_KMH",
+    "SETTING_SHARING_MIN_DISTANCE_M",
+    "SETTING_SHOW_ID_PERMILLE",
+    "SETTING_TRANSFER_PERCENT_OFF",
+    "SETTING_TRANSFER_WINDOW_MS",
     "STANDARD_PROFILE",
     "TAP_FLAGS_KNOWN",
     "TAP_FLAG_EXIT",
@@ -334,10 +342,7 @@ class ProtocolError(Exception):
         return (type(self), (self.code, str(self), self.request_id))
 
     def __repr__(self) -> str:
-        return (
-            f"ProtocolError(code={self.code!r}, message={str(self)!r}, "
-            f"request_id={self.request_id!r})"
-        )
+        return f"ProtocolError(code={self.code!r}, message={str(self)!r}, request_id={self.request_id!r})"
 
 
 # =============================================================================
@@ -359,8 +364,7 @@ def _take(data: _Buffer, offset: int, count: int) -> int:
     if offset < 0 or count < 0 or count > size - offset:
         raise ProtocolError(
             ERR_BAD_BODY_LENGTH,
-            f"insufficient data: requested {count} bytes at offset {offset},"
-            f" {size - offset} remaining",
+            f"insufficient data: requested {count} bytes at offset {offset}, {size - offset} remaining",
         )
     return offset
 
@@ -374,14 +378,11 @@ def _as_bytes(value: object, name: str) -> bytes:
     raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
 
 
-def _body_length_error(
-    msg_type: int, body_length: int, request_id: int
-) -> ProtocolError:
+def _body_length_error(msg_type: int, body_length: int, request_id: int) -> ProtocolError:
     """The ProtocolError for a fixed-size body of the wrong length."""
     return ProtocolError(
         ERR_BAD_BODY_LENGTH,
-        f"{_TYPE_NAMES[msg_type]} body length {body_length},"
-        f" expected {_BODY_SIZE[msg_type]}",
+        f"{_TYPE_NAMES[msg_type]} body length {body_length}, expected {_BODY_SIZE[msg_type]}",
         request_id,
     )
 
@@ -396,11 +397,7 @@ def _error_body_error(
     ProtocolError otherwise; raises nothing, so the reader can record the
     error and keep earlier frames.
     """
-    if not (
-        ERROR_BODY_MIN_BYTES
-        <= body_length
-        <= ERROR_BODY_MIN_BYTES + ERROR_TEXT_MAX_BYTES
-    ):
+    if not (ERROR_BODY_MIN_BYTES <= body_length <= ERROR_BODY_MIN_BYTES + ERROR_TEXT_MAX_BYTES):
         return ProtocolError(
             ERR_BAD_BODY_LENGTH,
             f"ERROR body length {body_length}, expected"
@@ -409,21 +406,17 @@ def _error_body_error(
         )
     if available < ERROR_BODY_MIN_BYTES:
         return None  # text_length not here yet; the reader waits for it
-    _code, text_length = _ERROR_HEAD.unpack_from(
-        data, _take(data, start, ERROR_BODY_MIN_BYTES)
-    )
+    _code, text_length = _ERROR_HEAD.unpack_from(data, _take(data, start, ERROR_BODY_MIN_BYTES))
     if text_length > ERROR_TEXT_MAX_BYTES:
         return ProtocolError(
             ERR_BAD_BODY_LENGTH,
-            f"ERROR text length {text_length} above maximum"
-            f" {ERROR_TEXT_MAX_BYTES}",
+            f"ERROR text length {text_length} above maximum {ERROR_TEXT_MAX_BYTES}",
             request_id,
         )
     if body_length != ERROR_BODY_MIN_BYTES + text_length:
         return ProtocolError(
             ERR_BAD_BODY_LENGTH,
-            f"ERROR body length {body_length}, expected"
-            f" {ERROR_BODY_MIN_BYTES} + text length {text_length}",
+            f"ERROR body length {body_length}, expected {ERROR_BODY_MIN_BYTES} + text length {text_length}",
             request_id,
         )
     return None
@@ -458,14 +451,10 @@ class FrameReader:
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         if not isinstance(max_frame_bytes, int):
-            raise TypeError(
-                "max_frame_bytes must be int, not"
-                f" {type(max_frame_bytes).__name__}"
-            )
+            raise TypeError(f"max_frame_bytes must be int, not {type(max_frame_bytes).__name__}")
         if not FRAME_HEADER_BYTES <= max_frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(
-                f"max_frame_bytes {int(max_frame_bytes)} out of range"
-                f" ({FRAME_HEADER_BYTES}..{MAX_FRAME_BYTES})"
+                f"max_frame_bytes {int(max_frame_bytes)} out of range ({FRAME_HEADER_BYTES}..{MAX_FRAME_BYTES})"
             )
         self._max_frame_bytes = int(max_frame_bytes)
         # The largest acceptable length prefix.
@@ -517,12 +506,8 @@ class FrameReader:
             total = self._frame_size(data, pos)
             if total < 0 or total > size - pos:
                 return pos  # need more bytes, or stopped at a violation
-            _length, _version, msg_type, _flags, request_id = _HEADER.unpack_from(
-                data, _take(data, pos, total)
-            )
-            frames.append(
-                (msg_type, request_id, bytes(data[pos + FRAME_HEADER_BYTES : pos + total]))
-            )
+            _length, _version, msg_type, _flags, request_id = _HEADER.unpack_from(data, _take(data, pos, total))
+            frames.append((msg_type, request_id, bytes(data[pos + FRAME_HEADER_BYTES : pos + total])))
             pos += total
 
     def _frame_size(self, data: _Buffer, pos: int) -> int:
@@ -554,27 +539,20 @@ class FrameReader:
         if available < FRAME_HEADER_BYTES:
             # Wait for the request id, so that the ERROR can carry it.
             return _NEED_MORE
-        _length, version, msg_type, flags, request_id = _HEADER.unpack_from(
-            data, _take(data, pos, FRAME_HEADER_BYTES)
-        )
+        _length, version, msg_type, flags, request_id = _HEADER.unpack_from(data, _take(data, pos, FRAME_HEADER_BYTES))
         if version != PROTOCOL_VERSION:
             self._error = ProtocolError(
                 ERR_UNSUPPORTED_VERSION,
-                f"unsupported protocol version {version}"
-                f" (expected {PROTOCOL_VERSION})",
+                f"unsupported protocol version {version} (expected {PROTOCOL_VERSION})",
                 request_id,
             )
             return _VIOLATION
         expected = _BODY_SIZE[msg_type]
         if expected == _UNKNOWN_TYPE:
-            self._error = ProtocolError(
-                ERR_UNKNOWN_TYPE, f"unknown message type 0x{msg_type:02x}", request_id
-            )
+            self._error = ProtocolError(ERR_UNKNOWN_TYPE, f"unknown message type 0x{msg_type:02x}", request_id)
             return _VIOLATION
         if flags != 0:
-            self._error = ProtocolError(
-                ERR_BAD_FLAGS, f"reserved flags 0x{flags:04x} set (must be 0)", request_id
-            )
+            self._error = ProtocolError(ERR_BAD_FLAGS, f"reserved flags 0x{flags:04x} set (must be 0)", request_id)
             return _VIOLATION
         if expected == _VARIABLE_SIZE:
             self._error = _error_body_error(
@@ -589,9 +567,7 @@ class FrameReader:
             if available < FRAME_HEADER_BYTES + ERROR_BODY_MIN_BYTES:
                 return _NEED_MORE
         elif length - MIN_FRAME_LENGTH != expected:
-            self._error = _body_length_error(
-                msg_type, length - MIN_FRAME_LENGTH, request_id
-            )
+            self._error = _body_length_error(msg_type, length - MIN_FRAME_LENGTH, request_id)
             return _VIOLATION
         return LENGTH_PREFIX_BYTES + length
 
@@ -610,15 +586,11 @@ def _check_unsigned(name: str, value: object, maximum: int, kind: str) -> None:
         raise ValueError(f"{name} {int(value)} out of range for {kind} (0..{maximum})")
 
 
-def _check_signed(
-    name: str, value: object, minimum: int, maximum: int, kind: str
-) -> None:
+def _check_signed(name: str, value: object, minimum: int, maximum: int, kind: str) -> None:
     if not isinstance(value, int):
         raise TypeError(f"{name} must be int, not {type(value).__name__}")
     if value < minimum or value > maximum:
-        raise ValueError(
-            f"{name} {int(value)} out of range for {kind} ({minimum}..{maximum})"
-        )
+        raise ValueError(f"{name} {int(value)} out of range for {kind} ({minimum}..{maximum})")
 
 
 def _check_fixed_bytes(name: str, value: object, size: int) -> bytes:
@@ -631,14 +603,10 @@ def _check_fixed_bytes(name: str, value: object, size: int) -> bytes:
 def _header(msg_type: int, request_id: object, body_size: int) -> bytes:
     """The 12 header bytes of a frame whose body is body_size bytes."""
     _check_unsigned("request_id", request_id, _U32_MAX, "u32")
-    return _HEADER.pack(
-        MIN_FRAME_LENGTH + body_size, PROTOCOL_VERSION, msg_type, 0, request_id
-    )
+    return _HEADER.pack(MIN_FRAME_LENGTH + body_size, PROTOCOL_VERSION, msg_type, 0, request_id)
 
 
-def encode_hello(
-    request_id: int, terminal_id: int, key_version: int, client_nonce: bytes
-) -> bytes:
+def encode_hello(request_id: int, terminal_id: int, key_version: int, client_nonce: bytes) -> bytes:
     """HELLO: who the terminal is, and its fresh nonce.
 
     >>> len(encode_hello(1, 4242, 1, bytes(16)))
@@ -647,9 +615,7 @@ def encode_hello(
     _check_unsigned("terminal_id", terminal_id, _U32_MAX, "u32")
     _check_unsigned("key_version", key_version, _U16_MAX, "u16")
     nonce = _check_fixed_bytes("client_nonce", client_nonce, NONCE_BYTES)
-    return _header(MSG_HELLO, request_id, _HELLO.size) + _HELLO.pack(
-        terminal_id, key_version, nonce
-    )
+    return _header(MSG_HELLO, request_id, _HELLO.size) + _HELLO.pack(terminal_id, key_version, nonce)
 
 
 def encode_challenge(request_id: int, server_nonce: bytes) -> bytes:
@@ -668,9 +634,7 @@ def encode_auth_ok(request_id: int, engine_proof: bytes, engine_time_ms: int) ->
     """AUTH_OK: the engine's proof and clock; the session is open."""
     data = _check_fixed_bytes("engine_proof", engine_proof, PROOF_BYTES)
     _check_unsigned("engine_time_ms", engine_time_ms, _U64_MAX, "u64")
-    return _header(MSG_AUTH_OK, request_id, _AUTH_OK.size) + _AUTH_OK.pack(
-        data, engine_time_ms
-    )
+    return _header(MSG_AUTH_OK, request_id, _AUTH_OK.size) + _AUTH_OK.pack(data, engine_time_ms)
 
 
 def encode_tap(
@@ -713,16 +677,12 @@ def encode_topup(
     )
 
 
-def encode_reversal(
-    request_id: int, terminal_seq: int, original_seq: int, event_time_ms: int
-) -> bytes:
+def encode_reversal(request_id: int, terminal_seq: int, original_seq: int, event_time_ms: int) -> bytes:
     """REVERSAL: cancel an approved TAP or TOPUP of the same terminal."""
     _check_unsigned("terminal_seq", terminal_seq, _U64_MAX, "u64")
     _check_unsigned("original_seq", original_seq, _U64_MAX, "u64")
     _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
-    return _header(MSG_REVERSAL, request_id, _REVERSAL.size) + _REVERSAL.pack(
-        terminal_seq, original_seq, event_time_ms
-    )
+    return _header(MSG_REVERSAL, request_id, _REVERSAL.size) + _REVERSAL.pack(terminal_seq, original_seq, event_time_ms)
 
 
 def encode_tap_result(
@@ -789,11 +749,7 @@ def encode_error(request_id: int, code: int, text: str) -> bytes:
             cut -= 1
         encoded = encoded[:cut]
     body_size = ERROR_BODY_MIN_BYTES + len(encoded)
-    return (
-        _header(MSG_ERROR, request_id, body_size)
-        + _ERROR_HEAD.pack(code, len(encoded))
-        + encoded
-    )
+    return _header(MSG_ERROR, request_id, body_size) + _ERROR_HEAD.pack(code, len(encoded)) + encoded
 
 
 # =============================================================================
@@ -837,34 +793,26 @@ def decode_auth_ok(body: bytes) -> tuple[bytes, int]:
 def decode_tap(body: bytes) -> tuple[int, int, int, int, int]:
     """TAP body -> (terminal_seq, card_uid, card_counter, event_time_ms,
     tap_flags)."""
-    seq, uid, counter, event_time_ms, tap_flags = _TAP.unpack(
-        _fixed_body(MSG_TAP, body)
-    )
+    seq, uid, counter, event_time_ms, tap_flags = _TAP.unpack(_fixed_body(MSG_TAP, body))
     return (seq, uid, counter, event_time_ms, tap_flags)
 
 
 def decode_topup(body: bytes) -> tuple[int, int, int, int]:
     """TOPUP body -> (terminal_seq, card_uid, amount_cents, event_time_ms)."""
-    seq, uid, amount_cents, event_time_ms = _TOPUP.unpack(
-        _fixed_body(MSG_TOPUP, body)
-    )
+    seq, uid, amount_cents, event_time_ms = _TOPUP.unpack(_fixed_body(MSG_TOPUP, body))
     return (seq, uid, amount_cents, event_time_ms)
 
 
 def decode_reversal(body: bytes) -> tuple[int, int, int]:
     """REVERSAL body -> (terminal_seq, original_seq, event_time_ms)."""
-    seq, original_seq, event_time_ms = _REVERSAL.unpack(
-        _fixed_body(MSG_REVERSAL, body)
-    )
+    seq, original_seq, event_time_ms = _REVERSAL.unpack(_fixed_body(MSG_REVERSAL, body))
     return (seq, original_seq, event_time_ms)
 
 
 def decode_tap_result(body: bytes) -> tuple[int, int, int, int, int]:
     """TAP_RESULT body -> (terminal_seq, result, amount_cents, balance_cents,
     info)."""
-    seq, result, amount_cents, balance_cents, info = _TAP_RESULT.unpack(
-        _fixed_body(MSG_TAP_RESULT, body)
-    )
+    seq, result, amount_cents, balance_cents, info = _TAP_RESULT.unpack(_fixed_body(MSG_TAP_RESULT, body))
     return (seq, result, amount_cents, balance_cents, info)
 
 
@@ -896,9 +844,7 @@ def decode_error(body: bytes) -> tuple[int, str]:
 # =============================================================================
 
 
-def _transcript(
-    terminal_id: int, key_version: int, client_nonce: bytes, server_nonce: bytes
-) -> bytes:
+def _transcript(terminal_id: int, key_version: int, client_nonce: bytes, server_nonce: bytes) -> bytes:
     """terminal_id u32 || key_version u16 || client_nonce || server_nonce."""
     _check_unsigned("terminal_id", terminal_id, _U32_MAX, "u32")
     _check_unsigned("key_version", key_version, _U16_MAX, "u16")
@@ -929,9 +875,7 @@ def terminal_proof(
 ) -> bytes:
     """HMAC-SHA256(key, "citycard/v1/terminal-proof" || transcript): what the
     terminal sends in AUTH. Compare with hmac.compare_digest, never ==."""
-    return _proof(
-        TERMINAL_PROOF_LABEL, key, terminal_id, key_version, client_nonce, server_nonce
-    )
+    return _proof(TERMINAL_PROOF_LABEL, key, terminal_id, key_version, client_nonce, server_nonce)
 
 
 def engine_proof(
@@ -943,9 +887,7 @@ def engine_proof(
 ) -> bytes:
     """HMAC-SHA256(key, "citycard/v1/engine-proof" || transcript): what the
     engine sends in AUTH_OK to prove it knows the terminal's key too."""
-    return _proof(
-        ENGINE_PROOF_LABEL, key, terminal_id, key_version, client_nonce, server_nonce
-    )
+    return _proof(ENGINE_PROOF_LABEL, key, terminal_id, key_version, client_nonce, server_nonce)
 
 
 # =============================================================================
@@ -1026,6 +968,16 @@ POLICY_TRANSFER = 4  # 1: a change within the transfer window is discounted here
 POLICY_CAP_GROUP = 5  # index of the service's cap group, -1: not capped
 POLICY_MAX_CHARGE = 6  # per-duration services: charged when the exit is missing
 POLICY_FIELDS = 7
+# The city-wide rule settings, one int64 each in ``state.settings`` (read
+# once per tap instead of an attribute each):
+SETTING_TRANSFER_WINDOW_MS = 0
+SETTING_TRANSFER_PERCENT_OFF = 1
+SETTING_SHOW_ID_PERMILLE = 2
+SETTING_CLONE_BLOCKS_CARD = 3  # 1: a suspected clone is blocked
+SETTING_SHARING_MAX_SPEED_KMH = 4  # 0: the sharing check is off
+SETTING_SHARING_MIN_DISTANCE_M = 5
+SETTING_RENEWAL_WINDOW_DAYS = 6
+SETTINGS_FIELDS = 7
 # Cap groups a rules version may define: the card keeps a day and a month
 # total per group.
 CAP_GROUPS_MAX = 8
@@ -1197,6 +1149,11 @@ class Original:
         self.service_id = service_id
 
 
+# A coordinate of a terminal that is not located (NaN never compares equal,
+# not even to itself).
+_NOT_LOCATED = float("nan")
+
+
 class Activity:
     """What the rules remember of one card between taps (kept for the cards
     that tapped: ``state.activity``, card position -> Activity).
@@ -1211,6 +1168,8 @@ class Activity:
         "cap_month",
         "cap_spent",
         "counter",
+        "last_latitude",
+        "last_longitude",
         "last_ms",
         "last_service",
         "last_terminal",
@@ -1225,6 +1184,9 @@ class Activity:
         self.last_ms = -1  # the last tap that passed the checks: when, where
         self.last_terminal = -1
         self.last_service = -1
+        # Where the last passage was, NaN when its terminal is not located.
+        self.last_latitude = _NOT_LOCATED
+        self.last_longitude = _NOT_LOCATED
         self.transfer_ms = -1  # the last full-fare boarding at a transfer service
         self.cap_day = -1  # the day and month the cap totals are for
         self.cap_month = -1
@@ -1287,20 +1249,20 @@ def distance_m(latitude_a: float, longitude_a: float, latitude_b: float, longitu
     return 2 * EARTH_RADIUS_M * _math.asin(min(1.0, _math.sqrt(h)))
 
 
-def _sharing_suspected(state: Any, terminal: Any, activity: Activity, recorded_ms: int) -> bool:
-    """The card was at a located terminal farther away than can be travelled
-    (at the rules' speed) in the time since."""
-    if activity.last_terminal < 0 or activity.last_terminal == terminal.id or terminal.latitude is None:
+def _sharing_suspected(state: Any, activity: Activity, latitude: float, longitude: float, recorded_ms: int) -> bool:
+    """The card's last passage was at a located terminal farther from this
+    one (at ``latitude``, ``longitude``) than can be travelled at the
+    rules' speed in the time since."""
+    settings = state.settings
+    speed_kmh = settings[SETTING_SHARING_MAX_SPEED_KMH]
+    if speed_kmh <= 0 or activity.last_latitude != activity.last_latitude:  # off, or not located (NaN)
         return False
-    previous = state.terminals.get(activity.last_terminal)
-    if previous is None or previous.latitude is None:
-        return False
-    metres = distance_m(previous.latitude, previous.longitude, terminal.latitude, terminal.longitude)
-    if metres < state.sharing_min_distance_m:
+    metres = distance_m(activity.last_latitude, activity.last_longitude, latitude, longitude)
+    if metres < settings[SETTING_SHARING_MIN_DISTANCE_M]:
         return False
     elapsed_ms = recorded_ms - activity.last_ms
     # km/h -> metres per millisecond: speed * 1000 / 3_600_000.
-    return metres * 3600 > state.sharing_max_speed_kmh * max(elapsed_ms, 0)
+    return metres * 3600 > speed_kmh * max(elapsed_ms, 0)
 
 
 # --- The city's columns, checked once per use -------------------------------
@@ -1370,12 +1332,13 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     service_id = terminal.service_id
     fares_by_service = state.fares
     decision.rules_version = state.rules_version
-    renewal_days = state.renewal_window_days
     card_account = _int64_column(state.card_account, "card_account")
     card_status = _byte_column(state.card_status, "card_status")
     card_profile = _byte_column(state.card_profile, "card_profile")
     card_eligible_from = _int32_column(state.card_eligible_from, "card_eligible_from")
     card_eligible_until = _int32_column(state.card_eligible_until, "card_eligible_until")
+    settings = _int64_column(state.settings, "settings")
+    _check_position(SETTINGS_FIELDS - 1, len(settings), "setting")
     balance = _int64_column(state.balance, "balance")
     pending_debit = _int64_column(state.pending_debit, "pending_debit")
     floor = _int64_column(state.floor, "floor")
@@ -1404,7 +1367,7 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
         and counter <= activity.counter  # backwards, or the same count again
     ):
         decision.result = RESULT_CLONE_SUSPECTED
-        if state.clone_blocks_card:
+        if settings[SETTING_CLONE_BLOCKS_CARD]:
             card_status[card] = CARD_STATUS_BLOCKED
         return
     recorded_ms = decision.recorded_ms
@@ -1413,7 +1376,7 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
         if day < eligible_from or day > eligible_until:
             profile = STANDARD_PROFILE
             info |= INFO_CONCESSION_NOT_VALID
-        elif eligible_until - day < renewal_days:
+        elif eligible_until - day < settings[SETTING_RENEWAL_WINDOW_DAYS]:
             info |= INFO_RENEWAL_DUE
     decision.fare_profile = profile
     fares = _int64_column(fares_by_service[service_id], "fares row")
@@ -1457,12 +1420,21 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
         cap_group = policy[POLICY_CAP_GROUP]
         per_duration = policy[POLICY_KIND] == SERVICE_PER_DURATION
         max_charge = policy[POLICY_MAX_CHARGE]
-    if activity.last_ms >= 0 and _sharing_suspected(state, terminal, activity, recorded_ms):
+    latitude = terminal.latitude
+    longitude = _NOT_LOCATED
+    if latitude is not None:
+        longitude = terminal.longitude
+    if (
+        latitude is not None
+        and activity.last_ms >= 0
+        and activity.last_terminal != terminal.id
+        and _sharing_suspected(state, activity, latitude, longitude, recorded_ms)
+    ):
         info |= INFO_SHARING_SUSPECTED
         if profile != STANDARD_PROFILE:
             info |= INFO_SHOW_ID
     concession = profile != STANDARD_PROFILE
-    if concession and show_id_sampled(decision.card_uid, decision.terminal_seq, state.show_id_permille):
+    if concession and show_id_sampled(decision.card_uid, decision.terminal_seq, settings[SETTING_SHOW_ID_PERMILLE]):
         info |= INFO_SHOW_ID
     starts_journey = False
     refund = 0
@@ -1480,8 +1452,12 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
         # never tapped has paid its maximum charge.
         fare = max_charge
     elif fare:
-        if transfer and activity.transfer_ms >= 0 and recorded_ms - activity.transfer_ms <= state.transfer_window_ms:
-            fare = fare * (100 - state.transfer_percent_off) // 100
+        if (
+            transfer
+            and activity.transfer_ms >= 0
+            and recorded_ms - activity.transfer_ms <= settings[SETTING_TRANSFER_WINDOW_MS]
+        ):
+            fare = fare * (100 - settings[SETTING_TRANSFER_PERCENT_OFF]) // 100
             info |= INFO_TRANSFER
         else:
             starts_journey = transfer
@@ -1503,7 +1479,12 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     decision.balance = available - fare
     # Only an approved tap is a passage: the next checks start from it.
     activity.last_ms = recorded_ms
-    activity.last_terminal = terminal.id
+    activity.last_terminal = decision.terminal_id
+    if latitude is not None:
+        activity.last_latitude = latitude
+        activity.last_longitude = longitude
+    else:
+        activity.last_latitude = activity.last_longitude = _NOT_LOCATED
     activity.last_service = service_id
     if starts_journey:
         activity.transfer_ms = recorded_ms
@@ -1638,9 +1619,7 @@ def decide_reversal(
     pending_debit = _int64_column(state.pending_debit, "pending_debit")
     pending_credit = _int64_column(state.pending_credit, "pending_credit")
     floor = _int64_column(state.floor, "floor")
-    account = _check_position(
-        found, min(len(balance), len(pending_debit), len(pending_credit), len(floor)), "account"
-    )
+    account = _check_position(found, min(len(balance), len(pending_debit), len(pending_credit), len(floor)), "account")
     decision.card_account = account
     # The record names the card whose money moves; the request had no card.
     decision.card_uid = original.card_uid
@@ -1706,9 +1685,26 @@ def encode_batch(
     ids = _int64_column(account_ids, "account_id")
     accounts = len(ids)
     columns: list[list[int | None]] = [[] for _ in range(18)]
-    (terminal_ids, seqs, kinds, uids, counters, flags, requested, originals,
-     event_ms, recorded_ms, results, amounts, balances, services, card_accounts,
-     infos, fare_profiles, rules_versions) = columns
+    (
+        terminal_ids,
+        seqs,
+        kinds,
+        uids,
+        counters,
+        flags,
+        requested,
+        originals,
+        event_ms,
+        recorded_ms,
+        results,
+        amounts,
+        balances,
+        services,
+        card_accounts,
+        infos,
+        fare_profiles,
+        rules_versions,
+    ) = columns
     deltas: dict[int, int] = {}
     transfers: dict[tuple[int, int], dict[int, int]] = {}
     for d in batch:

@@ -221,6 +221,10 @@ async def _read_passages(conn: asyncpg.Connection, builder: _Builder, now_ms: in
             activity.last_ms = last_ms
             activity.last_terminal = terminal_id
             activity.last_service = service_id
+            terminal = builder.state.terminals.get(terminal_id)
+            if terminal is not None and terminal.latitude is not None and terminal.longitude is not None:
+                activity.last_latitude = terminal.latitude
+                activity.last_longitude = terminal.longitude
 
 
 async def _read_journeys(conn: asyncpg.Connection, builder: _Builder, now_ms: int) -> None:

@@ -37,7 +37,7 @@ class CompiledPolicy:
     cap_groups: dict[str, int] = field(default_factory=dict)
     show_id_permille: int = 0
     clone_blocks_card: bool = False
-    sharing_max_speed_kmh: int = 0
+    sharing_max_speed_kmh: int = 0  # 0: the sharing check is off
     sharing_min_distance_m: int = 0
     renewal_window_days: int = 0
 

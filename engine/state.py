@@ -26,7 +26,18 @@ from dataclasses import dataclass
 import asyncpg
 
 from engine.codes import TerminalKind
-from engine.fastpath import CAP_GROUPS_MAX, Activity
+from engine.fastpath import (
+    CAP_GROUPS_MAX,
+    SETTING_CLONE_BLOCKS_CARD,
+    SETTING_RENEWAL_WINDOW_DAYS,
+    SETTING_SHARING_MAX_SPEED_KMH,
+    SETTING_SHARING_MIN_DISTANCE_M,
+    SETTING_SHOW_ID_PERMILLE,
+    SETTING_TRANSFER_PERCENT_OFF,
+    SETTING_TRANSFER_WINDOW_MS,
+    SETTINGS_FIELDS,
+    Activity,
+)
 
 # A fare of -1 in the tariff table means "this profile is not served here".
 NO_FARE = -1
@@ -56,9 +67,9 @@ _EPOCH = datetime.date(1970, 1, 1)
 # A cap of -1 cents: this group has no such cap.
 NO_CAP_CENTS = -1
 
-# Card sharing: defaults until a rules version sets them (rules: security).
-SHARING_SPEED_DEFAULT_KMH = 120
-SHARING_DISTANCE_DEFAULT_M = 500
+# Card sharing, until a rules version sets it (rules: security): a speed of
+# 0 turns the check off, like every other rule without a rules version.
+SHARING_CHECK_OFF_KMH = 0
 
 # Days before a concession ends during which taps warn the holder to renew,
 # until a rules version sets its own (rules: concessions.renewal_window_days).
@@ -88,6 +99,19 @@ class Terminal:
     @property
     def is_kiosk(self) -> bool:
         return self.kind == TerminalKind.KIOSK
+
+
+class _Setting:
+    """A CityState attribute kept in ``state.settings`` at a fixed index."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __get__(self, state: CityState, owner: object = None) -> int:
+        return state.settings[self.index]
+
+    def __set__(self, state: CityState, value: int) -> None:
+        state.settings[self.index] = int(value)
 
 
 class CityState:
@@ -124,22 +148,28 @@ class CityState:
         # The rules version deciding taps now (recorded with each), and the
         # concession renewal warning window it sets.
         self.rules_version = 0
-        self.renewal_window_days = DEFAULT_RENEWAL_WINDOW_DAYS
         # The rules' policies as the fast path reads them (engine.policy
         # fills them from a rules version; these defaults turn every rule
         # off): service id -> policy row, and the city-wide settings.
         self.service_policy: dict[int, array[int]] = {}
-        self.transfer_window_ms = 0
-        self.transfer_percent_off = 0
         self.cap_daily = array("q", [NO_CAP_CENTS] * CAP_GROUPS_MAX)
         self.cap_monthly = array("q", [NO_CAP_CENTS] * CAP_GROUPS_MAX)
-        self.show_id_permille = 0
-        self.clone_blocks_card = False
-        self.sharing_max_speed_kmh = SHARING_SPEED_DEFAULT_KMH
-        self.sharing_min_distance_m = SHARING_DISTANCE_DEFAULT_M
+        # The city-wide settings, packed for the fast path (the SETTING_*
+        # fields of engine.fastpath); read and set through the attributes below.
+        self.settings = array("q", [0] * SETTINGS_FIELDS)
+        self.settings[SETTING_RENEWAL_WINDOW_DAYS] = DEFAULT_RENEWAL_WINDOW_DAYS
+        self.settings[SETTING_SHARING_MAX_SPEED_KMH] = SHARING_CHECK_OFF_KMH
         # What the rules remember of each card that tapped (counter, last
         # passage, journey start, cap totals): card position -> Activity.
         self.activity: dict[int, Activity] = {}
+
+    transfer_window_ms = _Setting(SETTING_TRANSFER_WINDOW_MS)
+    transfer_percent_off = _Setting(SETTING_TRANSFER_PERCENT_OFF)
+    show_id_permille = _Setting(SETTING_SHOW_ID_PERMILLE)
+    clone_blocks_card = _Setting(SETTING_CLONE_BLOCKS_CARD)  # 0 or 1
+    sharing_max_speed_kmh = _Setting(SETTING_SHARING_MAX_SPEED_KMH)
+    sharing_min_distance_m = _Setting(SETTING_SHARING_MIN_DISTANCE_M)
+    renewal_window_days = _Setting(SETTING_RENEWAL_WINDOW_DAYS)
 
     # --- building -------------------------------------------------------
 

@@ -374,6 +374,8 @@ async def test_rebuild_with_no_taps_installs_an_empty_memory(fresh_db: Callable[
 
 def located(*places: tuple[float, float]) -> CityState:
     state = CityState()
+    # The sharing check as a rules version sets it (it is off without one).
+    state.sharing_max_speed_kmh, state.sharing_min_distance_m = 120, 500
     for number, (latitude, longitude) in enumerate(places, start=1):
         state.terminals[number] = Terminal(
             id=number,
