@@ -36,6 +36,7 @@ import asyncpg
 import msgspec
 
 from engine.codes import ServiceKind
+from engine.fastpath import CAP_GROUPS_MAX
 from engine.limits import BALANCE_MAX_CENTS
 
 # --- Limits -----------------------------------------------------------------------
@@ -95,8 +96,12 @@ SHARING_DISTANCE_MAX_M = 100_000
 
 # A region has a few hundred services; the engine keeps per-service arrays.
 SERVICES_MAX = 1_000
-# Caps and products are a handful per city; a hundred is a generated file gone wrong.
-CAPS_MAX = 100
+# Caps are a handful per city; each card keeps a day and a month total per
+# capped group, so the engine holds a fixed number of them per card
+# (fastpath.CAP_GROUPS_MAX): a file with more could be stored but never put
+# in force, so it is refused here.
+CAPS_MAX = CAP_GROUPS_MAX
+# Products are a handful per city; a hundred is a generated file gone wrong.
 PRODUCTS_MAX = 100
 
 # A city's rules are a few kilobytes; a megabyte is a wrong file.

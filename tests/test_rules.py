@@ -18,6 +18,7 @@ import pytest
 from engine.cli_rules import add_rules_commands, render_toml, run_rules_command
 from engine.codes import ServiceKind
 from engine.db import connect, run_sync
+from engine.fastpath import CAP_GROUPS_MAX
 from engine.rules import (
     EXAMPLE,
     RULES_CHANNEL,
@@ -113,6 +114,13 @@ INVALID: list[tuple[str, str, str]] = [
         "bad group name",
         HEADER + service("bus", "per_use", "standard = 1", 'group = "Buses"\n'),
         "at `$.services[0].group`",
+    ),
+    (
+        "more capped groups than a card keeps totals for",
+        HEADER
+        + "".join(service(f"s{n}", "per_use", "standard = 1", f'group = "g{n}"\n') for n in range(CAP_GROUPS_MAX + 1))
+        + "".join(f'[[caps]]\ngroup = "g{n}"\ndaily_cents = 100\n' for n in range(CAP_GROUPS_MAX + 1)),
+        f"length <= {CAP_GROUPS_MAX} - at `$.caps`",
     ),
     (
         "duplicate service",
