@@ -14,9 +14,11 @@ Channels and payloads:
 - ``citycard_eligibility``: an ``eligibility_imports.id``. The engine
   re-reads the cards of every holder that import touched.
 
-A notice lost while the listening connection was down is not lost for good:
-after reconnecting the engine reloads the rules version and, since it cannot
-know which imports it missed, the eligibility of every card.
+A notice lost while the listening connection was down (or sent before it
+first listened) is not lost for good: on every connect the engine reloads
+the newest rules version and applies every eligibility import newer than the
+last one it holds (imports are numbered; the engine reads the newest number
+before it loads the city).
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ async def apply_eligibility_import(conn: asyncpg.Connection, state: CityState, i
     return cards
 
 
+# Queued by the connection's termination listener: not a channel's notice.
+_CONNECTION_LOST = ("", "")
+
+
 class LiveChanges:
     """Listens for rules and eligibility notices and applies them to the city.
 
@@ -109,9 +115,12 @@ class LiveChanges:
     rules versions cannot interleave.
     """
 
-    def __init__(self, dsn: str, state: CityState) -> None:
+    def __init__(self, dsn: str, state: CityState, *, last_import_id: int = 0) -> None:
         self._dsn = dsn
         self._state = state
+        # The newest eligibility import the city holds: read before the city
+        # was loaded, so an import committed meanwhile is applied, not missed.
+        self._last_import_id = last_import_id
         self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
@@ -136,11 +145,13 @@ class LiveChanges:
         while True:
             try:
                 conn = await self._listen()
-                if not first:
-                    # Notices sent while nobody listened are gone: catch up in full.
-                    await apply_current_rules(conn, self._state)
-                    await refresh_cards(conn, self._state, uids=list(self._state.card_position))
-                    log.info("live changes: reconnected and caught up")
+                # Notices sent while nobody listened (before the first LISTEN,
+                # or while the connection was down) are gone: catch up from
+                # the record. Applying a change twice is harmless.
+                await apply_current_rules(conn, self._state)
+                caught_up = await self._catch_up_imports(conn)
+                if not first or caught_up:
+                    log.info("live changes: caught up with %d eligibility imports", caught_up)
                 first = False
                 delay = LISTEN_RETRY_MIN_S
                 while not conn.is_closed():
@@ -148,6 +159,8 @@ class LiveChanges:
                         channel, payload = await asyncio.wait_for(self._queue.get(), LISTEN_RETRY_MAX_S)
                     except TimeoutError:
                         continue
+                    if (channel, payload) == _CONNECTION_LOST:
+                        break
                     await self._apply(conn, channel, payload)
             except asyncio.CancelledError:
                 raise
@@ -163,7 +176,13 @@ class LiveChanges:
         )
         for channel in (RULES_CHANNEL, ELIGIBILITY_CHANNEL):
             await conn.add_listener(channel, self._notified)
+        # A lost connection wakes the loop at once (not at its next poll), so
+        # the catch-up after reconnecting comes within moments.
+        conn.add_termination_listener(self._terminated)
         return conn
+
+    def _terminated(self, _conn: object) -> None:
+        self._queue.put_nowait(_CONNECTION_LOST)
 
     def _notified(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         self._queue.put_nowait((channel, payload))
@@ -179,8 +198,21 @@ class LiveChanges:
                 log.warning("eligibility notice with a bad payload %r: ignored", payload)
                 return
             cards = await apply_eligibility_import(conn, self._state, import_id)
+            self._last_import_id = max(self._last_import_id, import_id)
             log.info("eligibility import %d applied to %d cards", import_id, cards)
         self.applied += 1
+
+    async def _catch_up_imports(self, conn: asyncpg.Connection) -> int:
+        """Apply the eligibility imports newer than the last one applied."""
+        newer = await conn.fetch(
+            "SELECT id FROM eligibility_imports WHERE id > $1 ORDER BY id",
+            self._last_import_id,
+            timeout=DB_COMMAND_TIMEOUT_S,
+        )
+        for row in newer:
+            await apply_eligibility_import(conn, self._state, row["id"])
+            self._last_import_id = row["id"]
+        return len(newer)
 
     async def _close(self) -> None:
         conn, self._conn = self._conn, None

@@ -140,6 +140,9 @@ class Engine:
             await self._abort()
             raise EngineStartError(str(error)) from None
         async with self._pool.acquire() as conn:
+            # Before the city: an import committed while it loads is then
+            # applied by the live listener rather than missed.
+            last_import_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM eligibility_imports")
             state = await load_state(conn)
             await apply_current_rules(conn, state)
             await rebuild_activity(conn, state, now_ms=now_ms())
@@ -172,7 +175,7 @@ class Engine:
         if counting:
             processor.on_result = self.metrics.count_decision
             processor.on_immediate = self.metrics.count_immediate
-        self._live = LiveChanges(config.dsn, state)
+        self._live = LiveChanges(config.dsn, state, last_import_id=last_import_id)
         self._live.start()
         self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
         self._writer_task.add_done_callback(self._writer_ended)

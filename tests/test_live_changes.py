@@ -180,3 +180,38 @@ async def test_a_new_rules_version_decides_the_next_tap(engine: EngineUnderTest,
         await store_rules(
             conn, parse_rules(tiny_city_rules(next_version + 1, BUS_FARE)), actor="test", source_name="test"
         )
+
+
+async def test_a_notice_lost_while_the_listener_was_down_is_caught_up(
+    engine: EngineUnderTest, conn: asyncpg.Connection
+) -> None:
+    card = await add_card(conn, balance=90_000, profile=STUDENT, eligible=None)
+    await engine.restart()
+    client = await engine.client()
+    assert (await client.tap(fresh_seq(), card.uid)).amount_cents == BUS_FARE
+    # An import whose notice never arrives (as if sent while the engine's
+    # listening connection was down)...
+    async with conn.transaction():
+        import_id = await conn.fetchval(
+            "INSERT INTO eligibility_imports (file_name, sha256, rows, imported_by)"
+            " VALUES ('registry.csv', repeat('0', 64), 1, 'test') RETURNING id"
+        )
+        await conn.execute(
+            "INSERT INTO eligibility (holder_id, profile_id, source, valid_from, valid_until, import_id)"
+            " VALUES ($1, $2, 'enrolment', $3, $4, $5)",
+            card.account_id,
+            STUDENT,
+            TODAY - DAY,
+            TODAY + 365 * DAY,
+            import_id,
+        )
+    # ...then the listening connection drops: the engine reconnects and catches up.
+    await conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'citycard-live'"
+    )
+    deadline = time.monotonic() + APPLY_TIMEOUT_S
+    while True:
+        if (await client.tap(fresh_seq(), card.uid)).amount_cents == BUS_FARE_STUDENT:
+            break
+        assert time.monotonic() < deadline, "the missed import was never applied"
+        await asyncio.sleep(0.05)
