@@ -20,6 +20,7 @@ import asyncpg
 from engine.client import TerminalClient
 from engine.codes import CardStatus, TerminalKind
 from engine.keys import derive_terminal_key, load_master_key
+from engine.rules import parse_rules, store_rules
 from engine.server import Engine, EngineConfig
 
 STANDARD = 0
@@ -227,6 +228,42 @@ async def wait_for(predicate: object, timeout_s: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+# The services of create_city, as a rules file writes them: each table may be
+# replaced (e.g. a library paid by the hour) and more appended.
+BUS_RULES = f"""
+[[services]]
+code = "bus"
+kind = "per_use"
+fares = {{ standard = {BUS_FARE}, student = {BUS_FARE_STUDENT} }}
+"""
+LIBRARY_RULES = """
+[[services]]
+code = "library"
+kind = "identification"
+fares = { standard = 0 }
+"""
+KIOSK_RULES = """
+[[services]]
+code = "kiosk"
+kind = "identification"
+fares = { standard = 0, student = 0 }
+"""
+
+
+def city_rules(
+    version: int, *, bus: str = BUS_RULES, library: str = LIBRARY_RULES, extra: str = "", name: str = "test city"
+) -> str:
+    """A rules file for create_city's city: its three services, then ``extra``."""
+    return f'[rules]\nversion = {version}\nname = "{name}"\n{bus}{library}{KIOSK_RULES}{extra}'
+
+
+async def load_city_rules(conn: asyncpg.Connection, **parts: str) -> int:
+    """Store city_rules(...) as the next version (as `citycard rules load` does); return it."""
+    version: int = await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM rules_versions")
+    await store_rules(conn, parse_rules(city_rules(version, **parts)), actor="test", source_name="test")
+    return version
 
 
 __all__ = ["TerminalKind"]

@@ -33,18 +33,18 @@ from engine.activity_rebuild import (
 from engine.codes import OperationKind, ResultCode, TapInfo
 from engine.db import connect, run_sync
 from engine.live import apply_current_rules
-from engine.rules import parse_rules, store_rules
 from engine.state import CityState, Terminal, load_state
 from tests.city import (
     BUS,
     BUS_FARE,
-    BUS_FARE_STUDENT,
     BUS_VALIDATOR,
     LIBRARY,
     LIBRARY_GATE,
+    LIBRARY_RULES,
     EngineUnderTest,
     add_card,
     create_city,
+    load_city_rules,
     running_engine,
 )
 
@@ -60,28 +60,10 @@ HOUR_MS = 60 * MINUTE_MS
 DAY_MS = 24 * HOUR_MS
 
 
-def rules_text(version: int) -> str:
-    return f"""
-[rules]
-version = {version}
-name = "test city with transfers, a cap and a gate"
-
-[[services]]
-code = "bus"
-kind = "per_use"
-fares = {{ standard = {BUS_FARE}, student = {BUS_FARE_STUDENT} }}
-
-[[services]]
-code = "library"
-kind = "identification"
-fares = {{ standard = 0 }}
-passback_window_s = {PASSBACK_S}
-
-[[services]]
-code = "kiosk"
-kind = "identification"
-fares = {{ standard = 0, student = 0 }}
-
+# The library gate with anti-passback; a tram with a daily cap; the bus with
+# a free transfer.
+GATED_LIBRARY = LIBRARY_RULES + f"passback_window_s = {PASSBACK_S}\n"
+TRAM_TRANSFER_AND_CAP = f"""
 [[services]]
 code = "tram"
 kind = "per_use"
@@ -107,8 +89,9 @@ async def add_tram_and_rules(conn: asyncpg.Connection) -> None:
         INSERT INTO terminals (id, service_id, kind, name) VALUES ({TRAM_VALIDATOR}, {TRAM}, 0, 'tram validator');
         """
     )
-    version = await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM rules_versions")
-    await store_rules(conn, parse_rules(rules_text(version)), actor="test", source_name="test")
+    await load_city_rules(
+        conn, library=GATED_LIBRARY, extra=TRAM_TRANSFER_AND_CAP, name="test city with transfers, a cap and a gate"
+    )
 
 
 @pytest.fixture(scope="module")

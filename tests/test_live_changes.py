@@ -19,9 +19,17 @@ import pytest
 
 from engine.codes import ResultCode, TapInfo
 from engine.live import ELIGIBILITY_CHANNEL
-from engine.rules import parse_rules, store_rules
 from engine.state import STANDARD_PROFILE
-from tests.city import BUS_FARE, BUS_FARE_STUDENT, STUDENT, EngineUnderTest, add_card, running_engine
+from tests.city import (
+    BUS_FARE,
+    BUS_FARE_STUDENT,
+    BUS_RULES,
+    STUDENT,
+    EngineUnderTest,
+    add_card,
+    load_city_rules,
+    running_engine,
+)
 
 TODAY = datetime.datetime.now(datetime.UTC).date()
 DAY = datetime.timedelta(days=1)
@@ -134,28 +142,9 @@ async def test_eligibility_renewed_and_ended_live(engine: EngineUnderTest, conn:
     assert (await recorded(conn, seq))["info"] == TapInfo.CONCESSION_NOT_VALID
 
 
-def tiny_city_rules(version: int, bus_fare: int) -> str:
-    """A rules file for tests/city.py's city, with the standard bus fare given."""
-    return f"""
-[rules]
-version = {version}
-name = "test city, bus at {bus_fare}"
-
-[[services]]
-code = "bus"
-kind = "per_use"
-fares = {{ standard = {bus_fare}, student = {BUS_FARE_STUDENT} }}
-
-[[services]]
-code = "library"
-kind = "identification"
-fares = {{ standard = 0 }}
-
-[[services]]
-code = "kiosk"
-kind = "identification"
-fares = {{ standard = 0, student = 0 }}
-"""
+def bus_at(fare: int) -> str:
+    """The bus's rules table with another standard fare."""
+    return BUS_RULES.replace(f"standard = {BUS_FARE}", f"standard = {fare}")
 
 
 async def test_a_new_rules_version_decides_the_next_tap(engine: EngineUnderTest, conn: asyncpg.Connection) -> None:
@@ -167,9 +156,8 @@ async def test_a_new_rules_version_decides_the_next_tap(engine: EngineUnderTest,
     version = (await recorded(conn, seq))["rules_version"]
 
     new_fare = BUS_FARE + 20
-    next_version = await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM rules_versions")
     before = applied_count(engine)
-    await store_rules(conn, parse_rules(tiny_city_rules(next_version, new_fare)), actor="test", source_name="test")
+    next_version = await load_city_rules(conn, bus=bus_at(new_fare), name="a dearer bus")
     try:
         await applied_after(engine, before)
         seq = fresh_seq()
@@ -177,9 +165,7 @@ async def test_a_new_rules_version_decides_the_next_tap(engine: EngineUnderTest,
         assert (await recorded(conn, seq))["rules_version"] == next_version > version
     finally:
         # Later tests in this module expect the usual fare.
-        await store_rules(
-            conn, parse_rules(tiny_city_rules(next_version + 1, BUS_FARE)), actor="test", source_name="test"
-        )
+        await load_city_rules(conn)
 
 
 async def test_a_notice_lost_while_the_listener_was_down_is_caught_up(

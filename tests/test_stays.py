@@ -20,34 +20,19 @@ import pytest
 
 from engine.codes import ResultCode, TapInfo
 from engine.reports import daily_report, reconcile
-from engine.rules import parse_rules, store_rules
-from tests.city import BUS_FARE, BUS_FARE_STUDENT, LIBRARY_GATE, EngineUnderTest, add_card, balance_of, running_engine
+from tests.city import LIBRARY_GATE, EngineUnderTest, add_card, balance_of, load_city_rules, running_engine
 
 HOURLY_FARE, MAXIMUM = 50, 600
 APPLY_TIMEOUT_S = 5.0
 
 
-def rules_with_paid_library(version: int) -> str:
-    return f"""
-[rules]
-version = {version}
-name = "library paid by the hour"
-
-[[services]]
-code = "bus"
-kind = "per_use"
-fares = {{ standard = {BUS_FARE}, student = {BUS_FARE_STUDENT} }}
-
+# The library as a car park would be: paid per started hour, with a maximum.
+PAID_LIBRARY = f"""
 [[services]]
 code = "library"
 kind = "per_duration"
 fares = {{ standard = {HOURLY_FARE} }}
 max_charge_cents = {MAXIMUM}
-
-[[services]]
-code = "kiosk"
-kind = "identification"
-fares = {{ standard = 0, student = 0 }}
 """
 
 
@@ -62,8 +47,7 @@ async def test_a_stay_is_charged_by_the_hour_and_the_books_agree(
 ) -> None:
     card = await add_card(conn, balance=5000)
     await engine.restart()
-    version = await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM rules_versions")
-    await store_rules(conn, parse_rules(rules_with_paid_library(version)), actor="test", source_name="test")
+    version = await load_city_rules(conn, library=PAID_LIBRARY, name="library paid by the hour")
     assert engine.engine is not None and engine.engine.state is not None
     deadline = time.monotonic() + APPLY_TIMEOUT_S
     while engine.engine.state.rules_version != version:
@@ -96,8 +80,7 @@ async def test_a_stay_open_across_a_restart_is_settled_at_its_exit(
 ) -> None:
     card = await add_card(conn, balance=5000)
     await engine.restart()
-    version = await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM rules_versions")
-    await store_rules(conn, parse_rules(rules_with_paid_library(version)), actor="test", source_name="test")
+    await load_city_rules(conn, library=PAID_LIBRARY, name="library paid by the hour")
     await engine.restart()  # the new version from the start, and an empty memory of cards
     client = await engine.client(LIBRARY_GATE)
     seq = time.time_ns() // 1000
