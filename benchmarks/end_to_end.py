@@ -122,6 +122,7 @@ from engine.keys import derive_terminal_key, load_master_key
 from engine.limits import MAX_IN_FLIGHT_PER_CONNECTION, NONCE_BYTES
 from engine.migrate import migrate
 from engine.rules import NAME_LENGTH_MAX, Rules, current_rules, store_rules
+from engine.seal import Opener, Sealer, derive_session_keys
 from engine.seed import list_terminals, sample_cards, seed_city
 
 DEFAULT_SECONDS = 10.0
@@ -249,6 +250,10 @@ class LoadConnection(asyncio.Protocol):
         self.backlog: collections.deque[int] = collections.deque()
         self.client_nonce = os.urandom(NONCE_BYTES)
         self.server_nonce = b""
+        # Every frame after the handshake is sealed both ways, as a terminal's are.
+        self.opener: Opener | None = None
+        self.receiving_sealed = False
+        self.sealer: Sealer | None = None
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -281,7 +286,16 @@ class LoadConnection(asyncio.Protocol):
         results = phase.results
         infos = phase.infos
         latency_us = phase.latency_us
+        opener = self.opener
         for msg_type, request_id, body in self.reader.feed(data):
+            if self.receiving_sealed:
+                try:
+                    body = opener.open(msg_type, request_id, body)  # type: ignore[union-attr]
+                except fastpath.ProtocolError as error:
+                    phase.error_frames[f"engine frame failed its seal: {error}"] += 1
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
             if msg_type == _TAP_RESULT:
                 times = waiting.pop(request_id, None)
                 if times is None:
@@ -310,8 +324,10 @@ class LoadConnection(asyncio.Protocol):
                     self.ready.set_exception(ConnectionError(f"terminal {self.terminal_id}: {name}: {text}"))
             elif msg_type == _CHALLENGE:
                 self._on_challenge(body)
+                opener = self.opener
             elif msg_type == _AUTH_OK:
                 self._on_auth_ok(body)
+                self.receiving_sealed = True
         if self.reader.error is not None:
             phase.error_frames[f"bad frame from engine: {self.reader.error}"] += 1
             if self.transport is not None:
@@ -333,6 +349,9 @@ class LoadConnection(asyncio.Protocol):
         proof = fastpath.terminal_proof(
             self.key, self.terminal_id, self.key_version, self.client_nonce, self.server_nonce
         )
+        keys = derive_session_keys(self.key, self.terminal_id, self.key_version, self.client_nonce, self.server_nonce)
+        self.opener = Opener(keys.engine_to_terminal)
+        self.sealer = Sealer(keys.terminal_to_engine)
         self.transport.write(fastpath.encode_auth(0, proof))
 
     def _on_auth_ok(self, body: bytes) -> None:
@@ -353,6 +372,7 @@ class LoadConnection(asyncio.Protocol):
         if transport is None:
             return
         encode_tap = fastpath.encode_tap
+        seal = self.sealer.seal  # type: ignore[union-attr]  # taps only follow the handshake
         event_ms = time.time_ns() // 1_000_000
         cards = self.cards
         uids = cards.uids
@@ -366,7 +386,7 @@ class LoadConnection(asyncio.Protocol):
         for number in range(count):
             counter = counters[index]
             counters[index] = counter + 1
-            frames.append(encode_tap(request_id, seq, uids[index], counter, event_ms, 0))
+            frames.append(seal(encode_tap(request_id, seq, uids[index], counter, event_ms, 0)))
             index = index + 1 if index + 1 < card_count else 0
             waiting[request_id] = (now if scheduled is None else scheduled[number], now)
             request_id += 1

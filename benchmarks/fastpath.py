@@ -76,7 +76,7 @@ from engine import _fastpath_py
 from engine.codes import CardStatus, ResultCode, TapInfo, TerminalKind
 from engine.policy import CompiledPolicy, compile_policy
 from engine.rules import Rules, read_rules_file, rules_sha256
-from engine.seed import PROFILES, RULES_FILE, RULES_SOURCE_NAME, SERVICES
+from engine.seed import PRODUCT_HOLDER_SHARE, PROFILES, RULES_FILE, RULES_SOURCE_NAME, SERVICES
 from engine.state import NO_FARE, STANDARD_PROFILE, CityState, Terminal, day_number
 
 DEFAULT_SEED = 20_240_601
@@ -180,6 +180,10 @@ class BenchCity:
     # Card position -> (counter, last_ms, last_terminal, last_service,
     # cap_day, cap_month, cap group, month's spending), for the cards with a memory.
     history: dict[int, tuple[int, int, int, int, int, int, int, int]] = field(default_factory=dict)
+    # Passes and tickets held in the morning, as (id, account position,
+    # kind, group, first day, last day, rides): the twin's own Product
+    # objects are built from them by reset().
+    products: list[tuple[int, int, int, int, int, int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -250,9 +254,29 @@ def build_city(cards: int, rng: random.Random) -> BenchCity:
             eligible = (min(today, until_day) - rng.randint(1, ELIGIBLE_SINCE_DAYS_MAX), until_day)
         state.add_card(FIRST_CARD_UID + n, status, profile, account_id, holder_id=n + 1, eligible=eligible)
 
-    rules_on = compile_policy(rules, service_ids)
+    rules_on = compile_policy(rules, service_ids, state.group_id)
     # Everything off; renewal warnings too (CompiledPolicy's window is 0).
     rules_off = CompiledPolicy()
+    # As the demo city holds them (engine.seed): current season passes and
+    # tickets with rides left, for PRODUCT_HOLDER_SHARE of the entitled
+    # active cards. A generator of their own leaves the day's draws as they were.
+    products: list[tuple[int, int, int, int, int, int, int]] = []
+    products_rng = random.Random(cards)
+    code_of = {profile.id: profile.code for profile in PROFILES}
+    for product in rules.products:
+        for card in range(cards):
+            if products_rng.random() >= PRODUCT_HOLDER_SHARE or state.card_status[card] != CardStatus.ACTIVE:
+                continue
+            if product.profiles is not None and code_of[state.card_profile[card]] not in product.profiles:
+                continue
+            if product.kind == "season":
+                first = today - products_rng.randrange(product.days or 1)
+                held = (0, first, first + (product.days or 1) - 1, 0)
+            else:
+                held = (1, 0, -1, product.rides or 1)
+            kind, first, last, rides = held
+            group = state.group_id(product.group)
+            products.append((len(products) + 1, state.card_account[card], kind, group, first, last, rides))
     return BenchCity(
         state=state,
         rules=rules,
@@ -262,6 +286,7 @@ def build_city(cards: int, rng: random.Random) -> BenchCity:
         unlocated=unlocated,
         by_service=by_service,
         status_at_start=bytes(state.card_status),
+        products=products,
     )
 
 
@@ -485,6 +510,14 @@ def reset(fp: ModuleType, city: BenchCity, mode: Mode) -> None:
             activity.cap_spent[cap_groups_max + group] = spent
         activities[card] = activity
     state.activity = activities
+    held: dict[int, list[object]] = {}
+    by_id = {}
+    for product_id, account, kind, group, first_day, last_day, rides in city.products:
+        product = fp.Product(product_id, kind, group, first_day, last_day, rides, 0)
+        held.setdefault(account, []).append(product)
+        by_id[product_id] = product
+    state.products = held  # type: ignore[assignment]
+    state.product_by_id = by_id
 
 
 # What the loop needs of each frame's terminal: (terminal, id, service id).

@@ -5,7 +5,10 @@ This module turns bytes from a terminal's TCP stream into frames and fields,
 and fields back into frames, exactly as ``docs/protocol.md`` specifies. It is
 the hot path of every connection, so it is Cython: big-endian integers are
 assembled from a ``const unsigned char*`` without the ``struct`` module, and
-frames are split without copying the stream more than once.
+frames are split without copying the stream more than once. The frames of an
+open session are sealed: ``SealKey`` computes and checks their tags
+(HMAC-SHA256, with SHA-256 written out in C) and ``FrameReader`` holds them
+to their sizes.
 
 It knows nothing of asyncio, the database or metrics, and imports nothing
 from the rest of ``engine``: the numbers it needs are repeated below as
@@ -48,7 +51,7 @@ from cpython.object cimport Py_SIZE
 from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libc.math cimport NAN, asin, cos, isnan, sin, sqrt, M_PI
 
 cimport cython
@@ -59,7 +62,9 @@ import hmac as _hmac
 
 __all__ = [
     "BODY_SIZES",
+    "CAP_DAY_TOTAL",
     "CAP_GROUPS_MAX",
+    "CAP_MONTH_TOTAL",
     "CARD_STATUS_ACTIVE",
     "CARD_STATUS_BLOCKED",
     "ENGINE_PROOF_LABEL",
@@ -67,8 +72,10 @@ __all__ = [
     "ERROR_TEXT_MAX_BYTES",
     "ERR_AUTH_FAILED",
     "ERR_BAD_BODY_LENGTH",
+    "ERR_BAD_COUNTER",
     "ERR_BAD_FIELD",
     "ERR_BAD_FLAGS",
+    "ERR_BAD_TAG",
     "ERR_FRAME_TOO_LARGE",
     "ERR_FRAME_TOO_SHORT",
     "ERR_HANDSHAKE_TIMEOUT",
@@ -81,9 +88,11 @@ __all__ = [
     "ERR_UNEXPECTED_MESSAGE",
     "ERR_UNKNOWN_TYPE",
     "ERR_UNSUPPORTED_VERSION",
+    "FLAG_SEALED",
     "FRAME_HEADER_BYTES",
     "INFO_CAPPED",
     "INFO_CONCESSION_NOT_VALID",
+    "INFO_PASS_USED",
     "INFO_REFUNDED",
     "INFO_RENEWAL_DUE",
     "INFO_SHARING_SUSPECTED",
@@ -114,18 +123,23 @@ __all__ = [
     "NO_CAP",
     "NO_COUNTER",
     "NO_FARE",
+    "NO_GROUP",
+    "NO_PRODUCT",
     "NO_PROFILE",
     "OPERATION_REVERSAL",
     "OPERATION_TAP",
     "OPERATION_TOPUP",
     "POLICY_CAP_GROUP",
     "POLICY_FIELDS",
+    "POLICY_GROUP",
     "POLICY_KIND",
     "POLICY_MAX_CHARGE",
     "POLICY_MIN_BALANCE",
     "POLICY_PASSBACK_MS",
     "POLICY_TOLERATED_NEGATIVE",
     "POLICY_TRANSFER",
+    "PRODUCT_MULTI_RIDE",
+    "PRODUCT_SEASON",
     "PROOF_BYTES",
     "PROTOCOL_VERSION",
     "RESULT_ALREADY_REVERSED",
@@ -138,6 +152,7 @@ __all__ = [
     "RESULT_INSUFFICIENT_FUNDS",
     "RESULT_INVALID_AMOUNT",
     "RESULT_MINIMUM_BALANCE",
+    "RESULT_NOT_REVERSIBLE",
     "RESULT_ORIGINAL_NOT_FOUND",
     "RESULT_PROTOCOL_ERROR",
     "RESULT_REVERSAL_WINDOW_EXPIRED",
@@ -145,6 +160,9 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "SEAL_COUNTER_BYTES",
+    "SEAL_TAG_BYTES",
+    "SEAL_TRAILER_BYTES",
     "SERVICE_PER_DURATION",
     "SETTINGS_FIELDS",
     "SETTING_CLONE_BLOCKS_CARD",
@@ -164,7 +182,9 @@ __all__ = [
     "Decision",
     "FrameReader",
     "Original",
+    "Product",
     "ProtocolError",
+    "SealKey",
     "decide_reversal",
     "decide_tap",
     "decide_topup",
@@ -220,6 +240,13 @@ cpdef enum:
     MIN_FRAME_LENGTH = FRAME_HEADER_BYTES - LENGTH_PREFIX_BYTES
     ERROR_BODY_MIN_BYTES = 3  # code u8 + text_length u16
     TERMINAL_KEY_BYTES = 32  # provisioned by the card office
+    # Sealed frames (docs/protocol.md, "Sealed frames"): after the handshake
+    # every frame has this flag set and its body is followed by a u64
+    # counter and a tag (HMAC-SHA256 truncated to 128 bits).
+    FLAG_SEALED = 0x0001
+    SEAL_COUNTER_BYTES = 8
+    SEAL_TAG_BYTES = 16
+    SEAL_TRAILER_BYTES = SEAL_COUNTER_BYTES + SEAL_TAG_BYTES
 
 cpdef enum:
     # Message types (engine.codes.MessageType).
@@ -251,6 +278,7 @@ cpdef enum:
     RESULT_CLONE_SUSPECTED = 26
     RESULT_ALREADY_VALIDATED = 27
     RESULT_MINIMUM_BALANCE = 28
+    RESULT_NOT_REVERSIBLE = 29
     RESULT_BUSY_RETRY = 64
     RESULT_SEQUENCE_REUSED = 65
     RESULT_PROTOCOL_ERROR = 66
@@ -273,6 +301,8 @@ cpdef enum:
     ERR_INTERNAL = 14
     ERR_BAD_FIELD = 15
     ERR_TOO_MANY_CONNECTIONS = 16
+    ERR_BAD_TAG = 17
+    ERR_BAD_COUNTER = 18
 
 cdef enum:
     # Fixed body sizes, from the per-type tables of docs/protocol.md.
@@ -527,6 +557,14 @@ cdef class FrameReader:
     and every later ``feed()`` raises it. The reader holds at most one
     incomplete frame (under ``max_frame_bytes``) between calls.
 
+    A stream's frames after its first AUTH (the terminal's stream) or
+    AUTH_OK (the engine's) are sealed: from the frame that follows it on,
+    the reader requires the FLAG_SEALED flag and a body followed by the
+    SEAL_TRAILER_BYTES of counter and tag, and delivers the body with its
+    trailer (``engine/seal.py`` checks and strips it). Before it, the flag
+    is refused like any other. ``sealed`` says which rule the next frame
+    is held to.
+
     >>> reader = FrameReader()
     >>> frame = encode_ping(1, 5)
     >>> reader.feed(frame[:3]), reader.buffered()
@@ -539,6 +577,7 @@ cdef class FrameReader:
     cdef uint32_t _max_length  # the largest acceptable length prefix
     cdef readonly object error  # the first ProtocolError, then sticky
     cdef readonly Py_ssize_t max_frame_bytes
+    cdef readonly bint sealed  # an AUTH or AUTH_OK was delivered
 
     def __init__(self, max_frame_bytes=MAX_FRAME_BYTES):
         if not isinstance(max_frame_bytes, int):
@@ -555,6 +594,7 @@ cdef class FrameReader:
         self._max_length = <uint32_t>(max_frame_bytes - LENGTH_PREFIX_BYTES)
         self._pending = bytearray()
         self.error = None
+        self.sealed = False
 
     def buffered(self):
         """Bytes held for an incomplete frame."""
@@ -609,6 +649,8 @@ cdef class FrameReader:
                     total - FRAME_HEADER_BYTES),
             ))
             pos += total
+            if not self.sealed and (header[5] == MSG_AUTH or header[5] == MSG_AUTH_OK):
+                self.sealed = True  # the handshake's last frame: seals from here on
 
     cdef Py_ssize_t _frame_size(
         self, const unsigned char* data, Py_ssize_t size, Py_ssize_t pos,
@@ -622,7 +664,8 @@ cdef class FrameReader:
         cdef Py_ssize_t available = size - pos
         cdef const unsigned char* p
         cdef uint32_t length, request_id
-        cdef Py_ssize_t expected
+        cdef Py_ssize_t expected, body_length
+        cdef Py_ssize_t trailer = 0
         cdef int version, msg_type, flags
         if available < LENGTH_PREFIX_BYTES:
             return _NEED_MORE
@@ -664,24 +707,43 @@ cdef class FrameReader:
                 request_id,
             )
             return _VIOLATION
-        if flags != 0:
+        if self.sealed:
+            if flags != FLAG_SEALED:
+                self.error = ProtocolError(
+                    ERR_BAD_FLAGS,
+                    f"flags 0x{flags:04x} after the handshake (must be"
+                    f" 0x{FLAG_SEALED:04x}, sealed)",
+                    request_id,
+                )
+                return _VIOLATION
+            if length - MIN_FRAME_LENGTH < SEAL_TRAILER_BYTES:
+                self.error = ProtocolError(
+                    ERR_BAD_BODY_LENGTH,
+                    f"sealed frame length {length} below minimum"
+                    f" {MIN_FRAME_LENGTH + SEAL_TRAILER_BYTES}",
+                    request_id,
+                )
+                return _VIOLATION
+            trailer = SEAL_TRAILER_BYTES
+        elif flags != 0:
             self.error = ProtocolError(
                 ERR_BAD_FLAGS, f"reserved flags 0x{flags:04x} set (must be 0)",
                 request_id,
             )
             return _VIOLATION
+        # The body's own length: a sealed frame's trailer is not part of it.
+        body_length = length - MIN_FRAME_LENGTH - trailer
         if expected == _VARIABLE_SIZE:
             self.error = _error_body_error(
                 p + FRAME_HEADER_BYTES,
                 min(available, LENGTH_PREFIX_BYTES + length) - FRAME_HEADER_BYTES,
-                length - MIN_FRAME_LENGTH, request_id)
+                body_length, request_id)
             if self.error is not None:
                 return _VIOLATION
             if available < FRAME_HEADER_BYTES + ERROR_BODY_MIN_BYTES:
                 return _NEED_MORE
-        elif length - MIN_FRAME_LENGTH != expected:
-            self.error = _body_length_error(
-                msg_type, length - MIN_FRAME_LENGTH, request_id)
+        elif body_length != expected:
+            self.error = _body_length_error(msg_type, body_length, request_id)
             return _VIOLATION
         return LENGTH_PREFIX_BYTES + length
 
@@ -1066,6 +1128,245 @@ def engine_proof(key, terminal_id, key_version, client_nonce, server_nonce):
 
 
 # =============================================================================
+# Sealed frames (docs/protocol.md, "Sealed frames"): the tag of each frame
+# after the handshake, HMAC-SHA256 under a session key truncated to
+# SEAL_TAG_BYTES. SHA-256 (FIPS 180-4) is written out here so that a tag
+# costs two compressions and no allocation: through hashlib each tag would
+# cost several Python calls and OpenSSL's per-call setup, more than the rest
+# of a tap's decoding and encoding. engine/seal.py holds the session keys and
+# counters; tests/test_seal.py holds this against hmac and hashlib.
+# =============================================================================
+
+cdef enum:
+    _SHA256_BLOCK = 64
+    _SHA256_DIGEST = 32
+    _SHA256_LENGTH_FIELD = 8  # the message length in bits, u64, ends the padding
+    _SEALED_SIGNED_HEAD = 8  # version, type, flags, request_id
+    _SESSION_KEY_BYTES = 32
+
+cdef uint32_t[8] _SHA256_IV = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+]
+cdef uint32_t[64] _SHA256_K = [
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]
+
+
+cdef struct _Sha256:
+    uint32_t state[8]
+    unsigned char block[_SHA256_BLOCK]  # the message's bytes not compressed yet
+    Py_ssize_t used  # bytes in block
+    uint64_t total  # bytes hashed so far
+
+
+cdef inline uint32_t _rotr(uint32_t x, int n) noexcept nogil:
+    return (x >> n) | (x << (32 - n))
+
+
+cdef void _sha256_compress(uint32_t* state, const unsigned char* block) noexcept nogil:
+    cdef uint32_t w[64]
+    cdef uint32_t a, b, c, d, e, f, g, h, t1, t2
+    cdef int i
+    for i in range(16):
+        w[i] = _be32(block + 4 * i)
+    for i in range(16, 64):
+        w[i] = (w[i - 16] + w[i - 7]
+                + (_rotr(w[i - 15], 7) ^ _rotr(w[i - 15], 18) ^ (w[i - 15] >> 3))
+                + (_rotr(w[i - 2], 17) ^ _rotr(w[i - 2], 19) ^ (w[i - 2] >> 10)))
+    a = state[0]
+    b = state[1]
+    c = state[2]
+    d = state[3]
+    e = state[4]
+    f = state[5]
+    g = state[6]
+    h = state[7]
+    for i in range(64):
+        t1 = (h + (_rotr(e, 6) ^ _rotr(e, 11) ^ _rotr(e, 25))
+              + ((e & f) ^ (~e & g)) + _SHA256_K[i] + w[i])
+        t2 = ((_rotr(a, 2) ^ _rotr(a, 13) ^ _rotr(a, 22))
+              + ((a & b) ^ (a & c) ^ (b & c)))
+        h = g
+        g = f
+        f = e
+        e = d + t1
+        d = c
+        c = b
+        b = a
+        a = t1 + t2
+    state[0] += a
+    state[1] += b
+    state[2] += c
+    state[3] += d
+    state[4] += e
+    state[5] += f
+    state[6] += g
+    state[7] += h
+
+
+cdef void _sha256_init(_Sha256* s) noexcept nogil:
+    memcpy(s.state, _SHA256_IV, sizeof(s.state))
+    s.used = 0
+    s.total = 0
+
+
+cdef void _sha256_update(_Sha256* s, const unsigned char* data, Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t take
+    s.total += <uint64_t>size
+    while size > 0:
+        take = _SHA256_BLOCK - s.used
+        if take > size:
+            take = size
+        memcpy(s.block + s.used, data, take)
+        s.used += take
+        data += take
+        size -= take
+        if s.used == _SHA256_BLOCK:
+            _sha256_compress(s.state, s.block)
+            s.used = 0
+
+
+cdef void _sha256_final(_Sha256* s, unsigned char* digest) noexcept nogil:
+    """Pad, compress the last block(s), write the 32-byte digest; s is spent."""
+    cdef uint64_t bits = s.total * 8
+    cdef int i
+    s.block[s.used] = 0x80
+    s.used += 1
+    if s.used > _SHA256_BLOCK - _SHA256_LENGTH_FIELD:
+        memset(s.block + s.used, 0, _SHA256_BLOCK - s.used)
+        _sha256_compress(s.state, s.block)
+        s.used = 0
+    memset(s.block + s.used, 0, _SHA256_BLOCK - _SHA256_LENGTH_FIELD - s.used)
+    _put64(s.block + _SHA256_BLOCK - _SHA256_LENGTH_FIELD, bits)
+    _sha256_compress(s.state, s.block)
+    for i in range(8):
+        _put32(digest + 4 * i, s.state[i])
+
+
+cdef class SealKey:
+    """One session key of one direction: seals frames, or opens them.
+
+    HMAC-SHA256 (RFC 2104) with the key's padded blocks hashed once here,
+    truncated to SEAL_TAG_BYTES. The counter is the caller's to keep
+    (``engine/seal.py``): ``seal()`` writes the one given, ``open()``
+    requires the one expected.
+
+    >>> key = SealKey(bytes(32))
+    >>> sealed = key.seal(encode_ping(1, 42), 0)
+    >>> decode_ping(key.open(MSG_PING, 1, sealed[FRAME_HEADER_BYTES:], 0))
+    42
+    """
+
+    cdef _Sha256 _inner  # after the key's inner padded block
+    cdef _Sha256 _outer  # after the key's outer padded block
+
+    def __init__(self, key):
+        cdef bytes secret = _check_fixed_bytes("key", key, _SESSION_KEY_BYTES)
+        cdef unsigned char inner[_SHA256_BLOCK]
+        cdef unsigned char outer[_SHA256_BLOCK]
+        cdef const unsigned char* raw = <const unsigned char*>PyBytes_AS_STRING(secret)
+        cdef int i
+        for i in range(_SHA256_BLOCK):
+            inner[i] = (raw[i] if i < _SESSION_KEY_BYTES else 0) ^ 0x36
+            outer[i] = (raw[i] if i < _SESSION_KEY_BYTES else 0) ^ 0x5C
+        _sha256_init(&self._inner)
+        _sha256_update(&self._inner, inner, _SHA256_BLOCK)
+        _sha256_init(&self._outer)
+        _sha256_update(&self._outer, outer, _SHA256_BLOCK)
+
+    cdef void _tag(
+        self, const unsigned char* head, const unsigned char* rest,
+        Py_ssize_t rest_size, unsigned char* tag,
+    ) noexcept:
+        """The full HMAC of head (the 8 signed header bytes) || rest."""
+        cdef _Sha256 hashing = self._inner
+        cdef unsigned char inner_digest[_SHA256_DIGEST]
+        _sha256_update(&hashing, head, _SEALED_SIGNED_HEAD)
+        _sha256_update(&hashing, rest, rest_size)
+        _sha256_final(&hashing, inner_digest)
+        hashing = self._outer
+        _sha256_update(&hashing, inner_digest, _SHA256_DIGEST)
+        _sha256_final(&hashing, tag)
+
+    def seal(self, frame, counter):
+        """A whole frame as the encoders make it (flags 0), sealed with ``counter``."""
+        cdef bytes data = _as_bytes(frame, "frame")
+        _check_unsigned("counter", counter, _U64_MAX, "u64")
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        if size < FRAME_HEADER_BYTES or _be32(p) != size - LENGTH_PREFIX_BYTES:
+            raise ValueError(f"frame must be a whole frame, got {size} bytes")
+        if _be16(p + 6) != 0:
+            raise ValueError("seal() takes a frame with flags 0")
+        cdef bytes sealed = PyBytes_FromStringAndSize(NULL, size + SEAL_TRAILER_BYTES)
+        cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(sealed)
+        cdef unsigned char digest[_SHA256_DIGEST]
+        memcpy(out, p, size)
+        _put32(out, <uint32_t>(size - LENGTH_PREFIX_BYTES + SEAL_TRAILER_BYTES))
+        _put16(out + 6, FLAG_SEALED)
+        _put64(out + size, <uint64_t>counter)
+        self._tag(out + LENGTH_PREFIX_BYTES, out + FRAME_HEADER_BYTES,
+                  size - FRAME_HEADER_BYTES + SEAL_COUNTER_BYTES, digest)
+        memcpy(out + size + SEAL_COUNTER_BYTES, digest, SEAL_TAG_BYTES)
+        return sealed
+
+    def open(self, msg_type, request_id, body, counter):
+        """A sealed frame's body as FrameReader delivers it (trailer included)
+        -> the body alone, once its tag verifies and its counter is ``counter``.
+
+        Raises ProtocolError: BAD_TAG when the tag does not verify (checked
+        first, in constant time), BAD_COUNTER when the counter differs.
+        """
+        _check_unsigned("msg_type", msg_type, _U8_MAX, "u8")
+        _check_unsigned("request_id", request_id, _U32_MAX, "u32")
+        _check_unsigned("counter", counter, _U64_MAX, "u64")
+        cdef bytes data = _as_bytes(body, "body")
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data) - SEAL_TRAILER_BYTES
+        if size < 0:
+            raise ProtocolError(
+                ERR_BAD_BODY_LENGTH,
+                f"sealed body of {PyBytes_GET_SIZE(data)} bytes is shorter than its seal",
+                request_id,
+            )
+        cdef const unsigned char* p = _take(
+            <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+            0, size + SEAL_TRAILER_BYTES)
+        cdef unsigned char head[_SEALED_SIGNED_HEAD]
+        cdef unsigned char digest[_SHA256_DIGEST]
+        cdef unsigned char difference = 0
+        cdef int i
+        head[0] = PROTOCOL_VERSION
+        head[1] = <unsigned char>msg_type
+        _put16(head + 2, FLAG_SEALED)
+        _put32(head + 4, <uint32_t>request_id)
+        self._tag(head, p, size + SEAL_COUNTER_BYTES, digest)
+        for i in range(SEAL_TAG_BYTES):
+            difference |= digest[i] ^ p[size + SEAL_COUNTER_BYTES + i]
+        if difference:
+            raise ProtocolError(
+                ERR_BAD_TAG,
+                f"the tag of a sealed frame of type 0x{<int>msg_type:02x} does not verify",
+                request_id,
+            )
+        cdef uint64_t received = _be64(p + size)
+        if received != <uint64_t>counter:
+            raise ProtocolError(
+                ERR_BAD_COUNTER,
+                f"frame counter {received}, expected {counter}"
+                " (replayed, reordered or lost frame)",
+                request_id,
+            )
+        return PyBytes_FromStringAndSize(<const char*>p, size)
+
+
+# =============================================================================
 # Per-tap decision fast path
 #
 # The Decision record and the decision ladder (engine/decision.py and
@@ -1132,6 +1433,7 @@ cpdef enum:
     INFO_SHOW_ID = 0x04
     INFO_TRANSFER = 0x08
     INFO_CAPPED = 0x10
+    INFO_PASS_USED = 0x20
     INFO_SHARING_SUSPECTED = 0x40
     INFO_REFUNDED = 0x80
     # A service charged by the hour (engine.codes.ServiceKind.PER_DURATION).
@@ -1148,7 +1450,8 @@ cpdef enum:
     POLICY_TRANSFER = 4  # 1: a change within the transfer window is discounted
     POLICY_CAP_GROUP = 5  # index of the service's cap group, -1: not capped
     POLICY_MAX_CHARGE = 6  # per-duration: charged when the exit is missing
-    POLICY_FIELDS = 7
+    POLICY_GROUP = 7  # the service group passes and tickets name (NO_GROUP: none sold)
+    POLICY_FIELDS = 8
     # The city-wide rule settings, one int64 each in ``state.settings`` (read
     # once per tap instead of an attribute each):
     SETTING_TRANSFER_WINDOW_MS = 0
@@ -1165,6 +1468,14 @@ cpdef enum:
     NO_CAP = -1
     # A card counter of 0 means "this card does not count": no clone check.
     NO_COUNTER = 0
+    # Products (schema: card_products.kind), and "no product".
+    PRODUCT_SEASON = 0
+    PRODUCT_MULTI_RIDE = 1
+    NO_PRODUCT = -1
+    NO_GROUP = -1
+    # Decision.cap_given_back bits.
+    CAP_DAY_TOTAL = 1
+    CAP_MONTH_TOTAL = 2
 
 # Names for repr only.
 _OPERATION_NAMES = {
@@ -1212,6 +1523,10 @@ cdef class Decision:
     cdef public int64_t cap_group
     cdef public int64_t stay_ms
     cdef public int64_t stay_charged
+    cdef public int64_t product_id
+    cdef public int64_t product_rides
+    cdef public int64_t original_terminal
+    cdef public int64_t cap_given_back
     cdef public list waiters
 
     def __init__(
@@ -1256,6 +1571,15 @@ cdef class Decision:
         # The stay an exit tap closed (its entry time and charge), -1: none.
         self.stay_ms = -1
         self.stay_charged = 0
+        # The pass or ticket that paid (or whose ride a reversal gave back),
+        # and the rides it used: +1, -1 given back, 0 a season pass.
+        self.product_id = NO_PRODUCT
+        self.product_rides = 0
+        # A REVERSAL's original is a request of this terminal unless the
+        # card office names another one's.
+        self.original_terminal = terminal_id
+        # A reversal's fare taken off the cap totals: CAP_DAY_TOTAL | CAP_MONTH_TOTAL.
+        self.cap_given_back = 0
         self.waiters = []
 
     def fingerprint(self):
@@ -1272,6 +1596,7 @@ cdef class Decision:
             self.requested,
             self.event_time_ms,
             self.original_seq,
+            self.original_terminal if self.kind == OPERATION_REVERSAL else -1,
         )
 
     @property
@@ -1288,15 +1613,16 @@ cdef class Decision:
 
 def request_fingerprint(
     kind, card_uid, card_counter, tap_flags, requested, event_time_ms,
-    original_seq,
+    original_seq, original_terminal=-1,
 ):
-    """Same layout as Decision.fingerprint, for an incoming request.
+    """Same layout as Decision.fingerprint, for an incoming request
+    (``original_terminal``: a REVERSAL's, -1 for other requests).
 
     >>> request_fingerprint(0, 0x04A1, 3, 0, 0, 0, None)
-    (0, 1185, 3, 0, 0, 0, None)
+    (0, 1185, 3, 0, 0, 0, None, -1)
     """
     return (kind, card_uid, card_counter, tap_flags, requested, event_time_ms,
-            original_seq)
+            original_seq, original_terminal)
 
 
 cdef class Original:
@@ -1308,10 +1634,14 @@ cdef class Original:
     cdef public int64_t account_id
     cdef public int64_t recorded_ms
     cdef public int64_t service_id
+    cdef public int64_t tap_flags
+    cdef public int64_t info
+    cdef public int64_t product_id
 
     def __init__(
         self, int64_t kind, int64_t card_uid, int64_t amount,
         int64_t account_id, int64_t recorded_ms, int64_t service_id,
+        int64_t tap_flags=0, int64_t info=0, int64_t product_id=NO_PRODUCT,
     ):
         self.kind = kind
         self.card_uid = card_uid
@@ -1319,6 +1649,71 @@ cdef class Original:
         self.account_id = account_id
         self.recorded_ms = recorded_ms
         self.service_id = service_id
+        self.tap_flags = tap_flags
+        self.info = info
+        self.product_id = product_id
+
+
+cdef class Product:
+    """A season pass or multi-ride ticket an account holds (``state.products``,
+    account position -> list of Product; schema: card_products).
+
+    >>> p = Product(12, PRODUCT_MULTI_RIDE, 3, 0, 0, 10, 4)
+    >>> p.rides - p.rides_used
+    6
+    """
+
+    cdef public int64_t id
+    cdef public int64_t kind
+    cdef public int64_t group
+    cdef public int64_t first_day
+    cdef public int64_t last_day
+    cdef public int64_t rides
+    cdef public int64_t rides_used
+
+    def __init__(
+        self, int64_t id, int64_t kind, int64_t group, int64_t first_day,
+        int64_t last_day, int64_t rides, int64_t rides_used,
+    ):
+        self.id = id
+        self.kind = kind
+        self.group = group
+        # Season passes: valid on days [first_day, last_day] since 1970-01-01.
+        self.first_day = first_day
+        self.last_day = last_day
+        # Multi-ride tickets: rides bought, rides used.
+        self.rides = rides
+        self.rides_used = rides_used
+
+    def __repr__(self):
+        kind = "season" if self.kind == PRODUCT_SEASON else "multi_ride"
+        return f"Product({self.id} {kind} group={self.group})"
+
+
+cdef Product _season_pass(list held, int64_t group, int64_t day):
+    """The valid season pass for ``group`` that ends first, or None."""
+    cdef Product product
+    cdef Product best = None
+    for item in held:
+        product = item
+        if (product.kind == PRODUCT_SEASON and product.group == group
+                and product.first_day <= day <= product.last_day
+                and (best is None or product.last_day < best.last_day)):
+            best = product
+    return best
+
+
+cdef Product _ride_ticket(list held, int64_t group):
+    """The oldest multi-ride ticket for ``group`` with rides left, or None."""
+    cdef Product product
+    cdef Product best = None
+    for item in held:
+        product = item
+        if (product.kind == PRODUCT_MULTI_RIDE and product.group == group
+                and product.rides_used < product.rides
+                and (best is None or product.id < best.id)):
+            best = product
+    return best
 
 
 cdef class Activity:
@@ -1540,7 +1935,9 @@ def decide_tap(state, terminal, Decision decision not None):
     cdef int64_t info = 0
     cdef bint exit_tap, transfer = False, starts_journey = False, per_duration = False
     cdef int64_t max_charge = 0, refund = 0, hours
+    cdef int64_t product_group = NO_GROUP
     cdef Activity activity
+    cdef Product product = None
     cdef long long* policy
     cdef long long* spent
     if not terminal.active:
@@ -1655,6 +2052,12 @@ def decide_tap(state, terminal, Decision decision not None):
         cap_group = policy[POLICY_CAP_GROUP]
         per_duration = policy[POLICY_KIND] == SERVICE_PER_DURATION
         max_charge = policy[POLICY_MAX_CHARGE]
+        product_group = policy[POLICY_GROUP]
+    # Cards without products (nearly all) cost one dict miss, and only
+    # where some product could pay.
+    held = None
+    if fare and not exit_tap and product_group != NO_GROUP:
+        held = state.products.get(account)
     located = terminal.latitude
     cdef double latitude = NAN, longitude = NAN
     if located is not None:
@@ -1682,23 +2085,46 @@ def decide_tap(state, terminal, Decision decision not None):
                 info |= INFO_REFUNDED
         fare = 0
     elif fare and per_duration:
-        # The entry takes the most one stay can cost: a stay whose exit is
-        # never tapped has paid its maximum charge.
-        fare = max_charge
+        if held is not None:
+            product = _season_pass(held, product_group, recorded_ms // MS_PER_DAY)
+            if product is None:
+                product = _ride_ticket(held, product_group)
+        if product is not None:
+            # A pass or one ride pays the whole stay.
+            fare = 0
+            info |= INFO_PASS_USED
+        else:
+            # The entry takes the most one stay can cost: a stay whose exit
+            # is never tapped has paid its maximum charge.
+            fare = max_charge
     elif fare:
-        if (transfer and activity.transfer_ms >= 0
+        # Ways to pay, first that applies (docs/rules.md): season pass,
+        # free transfer, multi-ride ticket, stored value under a cap.
+        if held is not None:
+            product = _season_pass(held, product_group, recorded_ms // MS_PER_DAY)
+        if product is not None:
+            fare = 0
+            info |= INFO_PASS_USED
+            starts_journey = transfer
+        elif (transfer and activity.transfer_ms >= 0
                 and recorded_ms - activity.transfer_ms <= settings[SETTING_TRANSFER_WINDOW_MS]):
             fare = fare * (100 - settings[SETTING_TRANSFER_PERCENT_OFF]) // 100
             info |= INFO_TRANSFER
         else:
             starts_journey = transfer
+        if fare and held is not None and product is None:
+            product = _ride_ticket(held, product_group)
+            if product is not None:
+                fare = 0
+                info |= INFO_PASS_USED
         if cap_group != NO_CAP and fare:
             left = _capped(state, activity, cap_group, recorded_ms, fare)
             if left < fare:
                 fare = left
                 info |= INFO_CAPPED
     decision.info = info
-    if not exit_tap and minimum_balance > 0 and available < minimum_balance:
+    if (not exit_tap and minimum_balance > 0 and available < minimum_balance
+            and product is None):
         decision.result = RESULT_MINIMUM_BALANCE
         return
     if available - fare < account_floor:
@@ -1708,6 +2134,11 @@ def decide_tap(state, terminal, Decision decision not None):
     decision.result = RESULT_APPROVED
     decision.amount = fare
     decision.balance = available - fare
+    if product is not None:
+        decision.product_id = product.id
+        if product.kind == PRODUCT_MULTI_RIDE:
+            product.rides_used += 1
+            decision.product_rides = 1
     # Only an approved tap is a passage: the next checks start from it.
     activity.last_ms = recorded_ms
     activity.last_terminal = decision.terminal_id
@@ -1850,12 +2281,21 @@ def decide_reversal(
     """Decide a REVERSAL of ``original`` (None when not found) in place.
 
     A refunded fare is a credit (spendable once committed); a reversed top-up
-    is a debit and needs the money to still be there.
+    is a debit and needs the money to still be there. A ride a multi-ride
+    ticket paid is given back to the ticket, and the fare no longer counts
+    towards the card's caps. An exit tap cannot be undone (it may have
+    settled a stay), nor an entry at a per-duration service whose stay has
+    ended; reversing an entry whose stay is open closes the stay.
 
     >>> decide_reversal(state, terminal, decision, None, False, 600_000)  # doctest: +SKIP
     """
     cdef Py_ssize_t account
-    cdef int64_t available, amount
+    cdef int64_t available, amount, day, group = NO_CAP
+    cdef Activity activity = None
+    cdef Product product = None
+    cdef bint closes_stay = False
+    cdef long long* policy
+    cdef long long* spent
     if not terminal.active:
         decision.result = RESULT_TERMINAL_NOT_ALLOWED
         return
@@ -1885,6 +2325,33 @@ def decide_reversal(
     if already_reversed:
         decision.result = RESULT_ALREADY_REVERSED
         return
+    if original.kind == OPERATION_TOPUP and decision.original_terminal != decision.terminal_id:
+        # A top-up is reversed at its own kiosk, into its own funding account.
+        decision.result = RESULT_NOT_REVERSIBLE
+        return
+    if original.kind == OPERATION_TAP:
+        if original.tap_flags & TAP_FLAG_EXIT or original.info & INFO_REFUNDED:
+            decision.result = RESULT_NOT_REVERSIBLE
+            return
+        # The refund belongs to the fare's service (a card-office refund is
+        # made at another terminal): its revenue, its stays, its caps.
+        decision.service_id = original.service_id
+        card_found = state.card_position.get(original.card_uid)
+        if card_found is not None:
+            activity = state.activity.get(card_found)
+        policy_row = state.service_policy.get(original.service_id)
+        if policy_row is not None:
+            policy = _int64_column(policy_row, "policy row")
+            _check_index(POLICY_FIELDS - 1, Py_SIZE(policy_row), "policy field")
+            group = policy[POLICY_CAP_GROUP]
+            if policy[POLICY_KIND] == SERVICE_PER_DURATION:
+                if (activity is None or activity.stay_service != original.service_id
+                        or activity.stay_ms != original.recorded_ms):
+                    decision.result = RESULT_NOT_REVERSIBLE
+                    return
+                closes_stay = True
+        if original.product_id != NO_PRODUCT:
+            product = state.product_by_id.get(original.product_id)
     amount = original.amount
     if original.kind == OPERATION_TOPUP:
         if available - amount < floor[account]:
@@ -1901,6 +2368,33 @@ def decide_reversal(
         decision.source = state.revenue_account[original.service_id]
         decision.target = account
         decision.balance = available + amount
+        if closes_stay:
+            # The holder did not stay: the exit, if tapped, settles nothing.
+            decision.stay_ms = activity.stay_ms
+            decision.stay_charged = activity.stay_charged
+            activity.stay_service = -1
+            activity.stay_ms = -1
+            activity.stay_charged = 0
+        if product is not None:
+            decision.product_id = product.id
+            if product.kind == PRODUCT_MULTI_RIDE and product.rides_used > 0:
+                product.rides_used -= 1
+                decision.product_rides = -1
+        if group != NO_CAP and amount and activity is not None:
+            _check_index(group, CAP_GROUPS_MAX, "cap group")
+            spent = _int64_column(activity.cap_spent, "cap_spent")
+            _check_index(2 * CAP_GROUPS_MAX - 1, Py_SIZE(activity.cap_spent), "cap total")
+            day = original.recorded_ms // MS_PER_DAY
+            # The fare counted towards the totals of its own day and month
+            # only: totals of a later period never held it.
+            if activity.cap_day == day and spent[group] >= amount:
+                spent[group] -= amount
+                decision.cap_group = group
+                decision.cap_given_back |= CAP_DAY_TOTAL
+            if activity.cap_month == month_of_day(day) and spent[CAP_GROUPS_MAX + group] >= amount:
+                spent[CAP_GROUPS_MAX + group] -= amount
+                decision.cap_group = group
+                decision.cap_given_back |= CAP_MONTH_TOTAL
     decision.result = RESULT_APPROVED
     decision.amount = amount
     decision.ledger_kind = LEDGER_REVERSAL
@@ -1992,12 +2486,13 @@ cdef str _literal(list values):
 
 def encode_batch(batch_id, list batch not None, account_ids,
                  transfers_per_batch):
-    """The commit statement's 28 arguments for one batch.
+    """The commit statement's 32 arguments for one batch.
 
-    Per decision, one row of the tap record (18 columns). Per account, the
+    Per decision, one row of the tap record (20 columns). Per account, the
     sum of its movements (each account updated once, in id order). Per
     (ledger kind, service), one transfer whose entries are the per-account
-    sums. Transfer ids are ``batch_id * transfers_per_batch + k``.
+    sums. Transfer ids are ``batch_id * transfers_per_batch + k``. Per
+    multi-ride ticket, the rides used (or given back) in the batch.
 
     >>> encode_batch(1, [], array.array('q'), 1024)[2]
     '{}'
@@ -2023,6 +2518,9 @@ def encode_batch(batch_id, list batch not None, account_ids,
     cdef _ArrayLiteral infos = _ArrayLiteral(n)
     cdef _ArrayLiteral fare_profiles = _ArrayLiteral(n)
     cdef _ArrayLiteral rules_versions = _ArrayLiteral(n)
+    cdef _ArrayLiteral product_ids = _ArrayLiteral(n)
+    cdef _ArrayLiteral original_terminals = _ArrayLiteral(n)
+    cdef dict rides = {}
     cdef dict deltas = {}
     cdef dict transfers = {}
     cdef dict entries
@@ -2057,6 +2555,16 @@ def encode_batch(batch_id, list batch not None, account_ids,
         else:
             fare_profiles.add(d.fare_profile)
         rules_versions.add(d.rules_version)
+        if d.product_id == NO_PRODUCT:
+            product_ids.add_null()
+        else:
+            product_ids.add(d.product_id)
+        if d.kind == OPERATION_REVERSAL and d.original_terminal != d.terminal_id:
+            original_terminals.add(d.original_terminal)
+        else:
+            original_terminals.add_null()
+        if d.product_rides and d.result == RESULT_APPROVED:
+            rides[d.product_id] = rides.get(d.product_id, 0) + d.product_rides
         amount = d.amount
         if amount != 0 and d.result == RESULT_APPROVED:
             _check_index(d.source, accounts, "account")
@@ -2069,6 +2577,7 @@ def encode_batch(batch_id, list batch not None, account_ids,
                 entries = transfers[key] = {}
             entries[d.source] = entries.get(d.source, 0) - amount
             entries[d.target] = entries.get(d.target, 0) + amount
+    ride_items = sorted([item for item in rides.items() if item[1]])
     return _finish_batch(
         batch_id, n, ids, deltas, transfers, transfers_per_batch,
         (terminal_ids.finish(), seqs.finish(), kinds.finish(), uids.finish(),
@@ -2076,7 +2585,11 @@ def encode_batch(batch_id, list batch not None, account_ids,
          originals.finish(), event_ms.finish(), recorded_ms.finish(),
          results.finish(), amounts.finish(), balances.finish(),
          services.finish(), card_accounts.finish(), infos.finish(),
-         fare_profiles.finish(), rules_versions.finish()))
+         fare_profiles.finish(), rules_versions.finish(),
+         product_ids.finish(), original_terminals.finish())) + (
+        _literal([item[0] for item in ride_items]),
+        _literal([item[1] for item in ride_items]),
+    )
 
 
 cdef tuple _finish_batch(batch_id, Py_ssize_t n, long long* ids, dict deltas,

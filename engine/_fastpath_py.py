@@ -15,7 +15,8 @@ and the decision ladder (``decide_tap``, ``decide_topup``,
 compiled twin.
 
 Untrusted bytes are read only through ``_take()`` (bounds-checked); field
-layouts are precompiled ``struct.Struct`` objects.
+layouts are precompiled ``struct.Struct`` objects. The tags of sealed frames
+(``SealKey``) are HMAC-SHA256 computed with ``hashlib``.
 
 Example::
 
@@ -26,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib as _hashlib
 import hmac as _hmac
 import math as _math
 import struct
@@ -34,7 +36,9 @@ from typing import Any
 
 __all__ = [
     "BODY_SIZES",
+    "CAP_DAY_TOTAL",
     "CAP_GROUPS_MAX",
+    "CAP_MONTH_TOTAL",
     "CARD_STATUS_ACTIVE",
     "CARD_STATUS_BLOCKED",
     "ENGINE_PROOF_LABEL",
@@ -42,8 +46,10 @@ __all__ = [
     "ERROR_TEXT_MAX_BYTES",
     "ERR_AUTH_FAILED",
     "ERR_BAD_BODY_LENGTH",
+    "ERR_BAD_COUNTER",
     "ERR_BAD_FIELD",
     "ERR_BAD_FLAGS",
+    "ERR_BAD_TAG",
     "ERR_FRAME_TOO_LARGE",
     "ERR_FRAME_TOO_SHORT",
     "ERR_HANDSHAKE_TIMEOUT",
@@ -56,9 +62,11 @@ __all__ = [
     "ERR_UNEXPECTED_MESSAGE",
     "ERR_UNKNOWN_TYPE",
     "ERR_UNSUPPORTED_VERSION",
+    "FLAG_SEALED",
     "FRAME_HEADER_BYTES",
     "INFO_CAPPED",
     "INFO_CONCESSION_NOT_VALID",
+    "INFO_PASS_USED",
     "INFO_REFUNDED",
     "INFO_RENEWAL_DUE",
     "INFO_SHARING_SUSPECTED",
@@ -89,18 +97,23 @@ __all__ = [
     "NO_CAP",
     "NO_COUNTER",
     "NO_FARE",
+    "NO_GROUP",
+    "NO_PRODUCT",
     "NO_PROFILE",
     "OPERATION_REVERSAL",
     "OPERATION_TAP",
     "OPERATION_TOPUP",
     "POLICY_CAP_GROUP",
     "POLICY_FIELDS",
+    "POLICY_GROUP",
     "POLICY_KIND",
     "POLICY_MAX_CHARGE",
     "POLICY_MIN_BALANCE",
     "POLICY_PASSBACK_MS",
     "POLICY_TOLERATED_NEGATIVE",
     "POLICY_TRANSFER",
+    "PRODUCT_MULTI_RIDE",
+    "PRODUCT_SEASON",
     "PROOF_BYTES",
     "PROTOCOL_VERSION",
     "RESULT_ALREADY_REVERSED",
@@ -113,6 +126,7 @@ __all__ = [
     "RESULT_INSUFFICIENT_FUNDS",
     "RESULT_INVALID_AMOUNT",
     "RESULT_MINIMUM_BALANCE",
+    "RESULT_NOT_REVERSIBLE",
     "RESULT_ORIGINAL_NOT_FOUND",
     "RESULT_PROTOCOL_ERROR",
     "RESULT_REVERSAL_WINDOW_EXPIRED",
@@ -120,6 +134,9 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "SEAL_COUNTER_BYTES",
+    "SEAL_TAG_BYTES",
+    "SEAL_TRAILER_BYTES",
     "SERVICE_PER_DURATION",
     "SETTINGS_FIELDS",
     "SETTING_CLONE_BLOCKS_CARD",
@@ -139,7 +156,9 @@ __all__ = [
     "Decision",
     "FrameReader",
     "Original",
+    "Product",
     "ProtocolError",
+    "SealKey",
     "decide_reversal",
     "decide_tap",
     "decide_topup",
@@ -192,6 +211,13 @@ LENGTH_PREFIX_BYTES = 4
 MIN_FRAME_LENGTH = FRAME_HEADER_BYTES - LENGTH_PREFIX_BYTES
 ERROR_BODY_MIN_BYTES = 3  # code u8 + text_length u16
 TERMINAL_KEY_BYTES = 32  # provisioned by the card office
+# Sealed frames (docs/protocol.md, "Sealed frames"): after the handshake
+# every frame has this flag set and its body is followed by a u64 counter
+# and a tag (HMAC-SHA256 truncated to 128 bits).
+FLAG_SEALED = 0x0001
+SEAL_COUNTER_BYTES = 8
+SEAL_TAG_BYTES = 16
+SEAL_TRAILER_BYTES = SEAL_COUNTER_BYTES + SEAL_TAG_BYTES
 
 # Message types (engine.codes.MessageType).
 MSG_HELLO = 0x01
@@ -221,6 +247,7 @@ RESULT_INSUFFICIENT_FUNDS = 25
 RESULT_CLONE_SUSPECTED = 26
 RESULT_ALREADY_VALIDATED = 27
 RESULT_MINIMUM_BALANCE = 28
+RESULT_NOT_REVERSIBLE = 29
 RESULT_BUSY_RETRY = 64
 RESULT_SEQUENCE_REUSED = 65
 RESULT_PROTOCOL_ERROR = 66
@@ -242,6 +269,8 @@ ERR_SHUTTING_DOWN = 13
 ERR_INTERNAL = 14
 ERR_BAD_FIELD = 15
 ERR_TOO_MANY_CONNECTIONS = 16
+ERR_BAD_TAG = 17
+ERR_BAD_COUNTER = 18
 
 # Field layouts, big-endian, from the per-type tables of docs/protocol.md.
 _LENGTH = struct.Struct(">I")
@@ -439,6 +468,14 @@ class FrameReader:
     and every later ``feed()`` raises it. The reader holds at most one
     incomplete frame (under ``max_frame_bytes``) between calls.
 
+    A stream's frames after its first AUTH (the terminal's stream) or
+    AUTH_OK (the engine's) are sealed: from the frame that follows it on,
+    the reader requires the FLAG_SEALED flag and a body followed by the
+    SEAL_TRAILER_BYTES of counter and tag, and delivers the body with its
+    trailer (``engine/seal.py`` checks and strips it). Before it, the flag
+    is refused like any other. ``sealed`` says which rule the next frame
+    is held to.
+
     >>> reader = FrameReader()
     >>> frame = encode_ping(1, 5)
     >>> reader.feed(frame[:3]), reader.buffered()
@@ -447,7 +484,7 @@ class FrameReader:
     (32, 1)
     """
 
-    __slots__ = ("_error", "_max_frame_bytes", "_max_length", "_pending")
+    __slots__ = ("_error", "_max_frame_bytes", "_max_length", "_pending", "_sealed")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         if not isinstance(max_frame_bytes, int):
@@ -461,6 +498,7 @@ class FrameReader:
         self._max_length = self._max_frame_bytes - LENGTH_PREFIX_BYTES
         self._pending = bytearray()  # the start of an incomplete frame
         self._error: ProtocolError | None = None
+        self._sealed = False  # an AUTH or AUTH_OK was delivered
 
     # Read-only, as in the compiled twin.
     @property
@@ -471,6 +509,11 @@ class FrameReader:
     @property
     def max_frame_bytes(self) -> int:
         return self._max_frame_bytes
+
+    @property
+    def sealed(self) -> bool:
+        """True once an AUTH or AUTH_OK was delivered: later frames are sealed."""
+        return self._sealed
 
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
@@ -509,6 +552,8 @@ class FrameReader:
             _length, _version, msg_type, _flags, request_id = _HEADER.unpack_from(data, _take(data, pos, total))
             frames.append((msg_type, request_id, bytes(data[pos + FRAME_HEADER_BYTES : pos + total])))
             pos += total
+            if not self._sealed and (msg_type == MSG_AUTH or msg_type == MSG_AUTH_OK):
+                self._sealed = True  # the handshake's last frame: seals from here on
 
     def _frame_size(self, data: _Buffer, pos: int) -> int:
         """Validate the frame starting at pos with what has arrived of it.
@@ -551,23 +596,42 @@ class FrameReader:
         if expected == _UNKNOWN_TYPE:
             self._error = ProtocolError(ERR_UNKNOWN_TYPE, f"unknown message type 0x{msg_type:02x}", request_id)
             return _VIOLATION
-        if flags != 0:
+        trailer = 0
+        if self._sealed:
+            if flags != FLAG_SEALED:
+                self._error = ProtocolError(
+                    ERR_BAD_FLAGS,
+                    f"flags 0x{flags:04x} after the handshake (must be 0x{FLAG_SEALED:04x}, sealed)",
+                    request_id,
+                )
+                return _VIOLATION
+            if length - MIN_FRAME_LENGTH < SEAL_TRAILER_BYTES:
+                self._error = ProtocolError(
+                    ERR_BAD_BODY_LENGTH,
+                    f"sealed frame length {length} below minimum {MIN_FRAME_LENGTH + SEAL_TRAILER_BYTES}",
+                    request_id,
+                )
+                return _VIOLATION
+            trailer = SEAL_TRAILER_BYTES
+        elif flags != 0:
             self._error = ProtocolError(ERR_BAD_FLAGS, f"reserved flags 0x{flags:04x} set (must be 0)", request_id)
             return _VIOLATION
+        # The body's own length: a sealed frame's trailer is not part of it.
+        body_length = length - MIN_FRAME_LENGTH - trailer
         if expected == _VARIABLE_SIZE:
             self._error = _error_body_error(
                 data,
                 pos + FRAME_HEADER_BYTES,
                 min(available, LENGTH_PREFIX_BYTES + length) - FRAME_HEADER_BYTES,
-                length - MIN_FRAME_LENGTH,
+                body_length,
                 request_id,
             )
             if self._error is not None:
                 return _VIOLATION
             if available < FRAME_HEADER_BYTES + ERROR_BODY_MIN_BYTES:
                 return _NEED_MORE
-        elif length - MIN_FRAME_LENGTH != expected:
-            self._error = _body_length_error(msg_type, length - MIN_FRAME_LENGTH, request_id)
+        elif body_length != expected:
+            self._error = _body_length_error(msg_type, body_length, request_id)
             return _VIOLATION
         return LENGTH_PREFIX_BYTES + length
 
@@ -891,6 +955,100 @@ def engine_proof(
 
 
 # =============================================================================
+# Sealed frames (docs/protocol.md, "Sealed frames"): the tag of each frame
+# after the handshake, HMAC-SHA256 under a session key truncated to
+# SEAL_TAG_BYTES. engine/seal.py holds the session keys and counters.
+# =============================================================================
+
+_SHA256_BLOCK = 64
+_SESSION_KEY_BYTES = 32
+_SEALED_HEAD = struct.Struct(">BBHI")  # version, type, flags, request_id: the signed header
+_SEAL_COUNTER = struct.Struct(">Q")
+_SEALED_FLAGS = FLAG_SEALED.to_bytes(2, "big")
+
+
+class SealKey:
+    """One session key of one direction: seals frames, or opens them.
+
+    HMAC-SHA256 (RFC 2104) with the key's padded blocks hashed once here,
+    truncated to SEAL_TAG_BYTES. The counter is the caller's to keep
+    (``engine/seal.py``): ``seal()`` writes the one given, ``open()``
+    requires the one expected.
+
+    >>> key = SealKey(bytes(32))
+    >>> sealed = key.seal(encode_ping(1, 42), 0)
+    >>> decode_ping(key.open(MSG_PING, 1, sealed[FRAME_HEADER_BYTES:], 0))
+    42
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        secret = _check_fixed_bytes("key", key, _SESSION_KEY_BYTES).ljust(_SHA256_BLOCK, b"\x00")
+        self._inner = _hashlib.sha256(bytes(byte ^ 0x36 for byte in secret))
+        self._outer = _hashlib.sha256(bytes(byte ^ 0x5C for byte in secret))
+
+    def _tag(self, head: bytes | memoryview, rest: bytes | memoryview) -> bytes:
+        inner = self._inner.copy()
+        inner.update(head)
+        inner.update(rest)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:SEAL_TAG_BYTES]
+
+    def seal(self, frame: bytes, counter: int) -> bytes:
+        """A whole frame as the encoders make it (flags 0), sealed with ``counter``."""
+        data = _as_bytes(frame, "frame")
+        _check_unsigned("counter", counter, _U64_MAX, "u64")
+        size = len(data)
+        if size < FRAME_HEADER_BYTES or _LENGTH.unpack_from(data)[0] != size - LENGTH_PREFIX_BYTES:
+            raise ValueError(f"frame must be a whole frame, got {size} bytes")
+        if data[6] or data[7]:
+            raise ValueError("seal() takes a frame with flags 0")
+        signed = data[LENGTH_PREFIX_BYTES:6] + _SEALED_FLAGS + data[8:] + _SEAL_COUNTER.pack(counter)
+        inner = self._inner.copy()
+        inner.update(signed)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return _LENGTH.pack(len(signed) + SEAL_TAG_BYTES) + signed + outer.digest()[:SEAL_TAG_BYTES]
+
+    def open(self, msg_type: int, request_id: int, body: bytes, counter: int) -> bytes:
+        """A sealed frame's body as FrameReader delivers it (trailer included)
+        -> the body alone, once its tag verifies and its counter is ``counter``.
+
+        Raises ProtocolError: BAD_TAG when the tag does not verify (checked
+        first, in constant time), BAD_COUNTER when the counter differs.
+        """
+        _check_unsigned("msg_type", msg_type, _U8_MAX, "u8")
+        _check_unsigned("request_id", request_id, _U32_MAX, "u32")
+        _check_unsigned("counter", counter, _U64_MAX, "u64")
+        data = _as_bytes(body, "body")
+        size = len(data) - SEAL_TRAILER_BYTES
+        if size < 0:
+            raise ProtocolError(
+                ERR_BAD_BODY_LENGTH, f"sealed body of {len(data)} bytes is shorter than its seal", request_id
+            )
+        signed_end = size + SEAL_COUNTER_BYTES
+        view = memoryview(data)
+        tag = self._tag(
+            _SEALED_HEAD.pack(PROTOCOL_VERSION, msg_type, FLAG_SEALED, request_id),
+            view[_take(data, 0, signed_end) : signed_end],
+        )
+        if not _hmac.compare_digest(tag, view[signed_end:]):
+            raise ProtocolError(
+                ERR_BAD_TAG, f"the tag of a sealed frame of type 0x{msg_type:02x} does not verify", request_id
+            )
+        (received,) = _SEAL_COUNTER.unpack_from(data, size)
+        if received != counter:
+            raise ProtocolError(
+                ERR_BAD_COUNTER,
+                f"frame counter {received}, expected {counter} (replayed, reordered or lost frame)",
+                request_id,
+            )
+        return data[:size]
+
+
+# =============================================================================
 # Per-tap decision fast path
 #
 # The Decision record and the decision ladder (engine/decision.py and
@@ -951,6 +1109,7 @@ MS_PER_DAY = 86400000
 INFO_SHOW_ID = 0x04
 INFO_TRANSFER = 0x08
 INFO_CAPPED = 0x10
+INFO_PASS_USED = 0x20
 INFO_SHARING_SUSPECTED = 0x40
 INFO_REFUNDED = 0x80
 # A service charged by the hour (engine.codes.ServiceKind.PER_DURATION).
@@ -967,7 +1126,8 @@ POLICY_PASSBACK_MS = 3  # same card, same service again within this: declined (0
 POLICY_TRANSFER = 4  # 1: a change within the transfer window is discounted here
 POLICY_CAP_GROUP = 5  # index of the service's cap group, -1: not capped
 POLICY_MAX_CHARGE = 6  # per-duration services: charged when the exit is missing
-POLICY_FIELDS = 7
+POLICY_GROUP = 7  # the service group passes and tickets name (NO_GROUP: none sold)
+POLICY_FIELDS = 8
 # The city-wide rule settings, one int64 each in ``state.settings`` (read
 # once per tap instead of an attribute each):
 SETTING_TRANSFER_WINDOW_MS = 0
@@ -985,6 +1145,14 @@ NO_CAP = -1
 # A card counter of 0 means "this card does not count" (older cards and
 # terminals that cannot read the counter): no clone check.
 NO_COUNTER = 0
+# Products (schema: card_products.kind), and "no product".
+PRODUCT_SEASON = 0
+PRODUCT_MULTI_RIDE = 1
+NO_PRODUCT = -1
+NO_GROUP = -1
+# Decision.cap_given_back bits.
+CAP_DAY_TOTAL = 1
+CAP_MONTH_TOTAL = 2
 
 # Names for repr only.
 _OPERATION_NAMES = {
@@ -993,7 +1161,7 @@ _OPERATION_NAMES = {
     OPERATION_REVERSAL: "REVERSAL",
 }
 
-_Fingerprint = tuple[int, int, int, int, int, int, int | None]
+_Fingerprint = tuple[int, int, int, int, int, int, int | None, int]
 
 
 class Decision:
@@ -1011,6 +1179,7 @@ class Decision:
     __slots__ = (
         "amount",
         "balance",
+        "cap_given_back",
         "cap_group",
         "card_account",
         "card_counter",
@@ -1021,7 +1190,10 @@ class Decision:
         "kind",
         "ledger_kind",
         "original_seq",
+        "original_terminal",
         "previous_counter",
+        "product_id",
+        "product_rides",
         "recorded_ms",
         "requested",
         "result",
@@ -1079,6 +1251,15 @@ class Decision:
         # The stay an exit tap closed (its entry time and charge), -1: none.
         self.stay_ms = -1
         self.stay_charged = 0
+        # The pass or ticket that paid (or whose ride a reversal gave back),
+        # and the rides it used: +1, -1 given back, 0 a season pass.
+        self.product_id = NO_PRODUCT
+        self.product_rides = 0
+        # A REVERSAL's original is a request of this terminal unless the
+        # card office names another one's.
+        self.original_terminal = terminal_id
+        # A reversal's fare taken off the cap totals: CAP_DAY_TOTAL | CAP_MONTH_TOTAL.
+        self.cap_given_back = 0
         # (engine.decision.ReplyTarget, request_id) pairs.
         self.waiters: list[tuple[Any, int]] = []
 
@@ -1096,6 +1277,7 @@ class Decision:
             self.requested,
             self.event_time_ms,
             self.original_seq,
+            self.original_terminal if self.kind == OPERATION_REVERSAL else -1,
         )
 
     @property
@@ -1118,19 +1300,31 @@ def request_fingerprint(
     requested: int,
     event_time_ms: int,
     original_seq: int | None,
+    original_terminal: int = -1,
 ) -> _Fingerprint:
-    """Same layout as Decision.fingerprint, for an incoming request.
+    """Same layout as Decision.fingerprint, for an incoming request
+    (``original_terminal``: a REVERSAL's, -1 for other requests).
 
     >>> request_fingerprint(0, 0x04A1, 3, 0, 0, 0, None)
-    (0, 1185, 3, 0, 0, 0, None)
+    (0, 1185, 3, 0, 0, 0, None, -1)
     """
-    return (kind, card_uid, card_counter, tap_flags, requested, event_time_ms, original_seq)
+    return (kind, card_uid, card_counter, tap_flags, requested, event_time_ms, original_seq, original_terminal)
 
 
 class Original:
     """The approved request a REVERSAL names, as read from the record."""
 
-    __slots__ = ("account_id", "amount", "card_uid", "kind", "recorded_ms", "service_id")
+    __slots__ = (
+        "account_id",
+        "amount",
+        "card_uid",
+        "info",
+        "kind",
+        "product_id",
+        "recorded_ms",
+        "service_id",
+        "tap_flags",
+    )
 
     def __init__(
         self,
@@ -1140,6 +1334,9 @@ class Original:
         account_id: int,
         recorded_ms: int,
         service_id: int,
+        tap_flags: int = 0,
+        info: int = 0,
+        product_id: int = NO_PRODUCT,
     ) -> None:
         self.kind = kind
         self.card_uid = card_uid
@@ -1147,6 +1344,66 @@ class Original:
         self.account_id = account_id
         self.recorded_ms = recorded_ms
         self.service_id = service_id
+        self.tap_flags = tap_flags
+        self.info = info
+        self.product_id = product_id
+
+
+class Product:
+    """A season pass or multi-ride ticket an account holds (``state.products``,
+    account position -> list of Product; schema: card_products).
+
+    >>> p = Product(12, PRODUCT_MULTI_RIDE, 3, 0, 0, 10, 4)
+    >>> p.rides - p.rides_used
+    6
+    """
+
+    __slots__ = ("first_day", "group", "id", "kind", "last_day", "rides", "rides_used")
+
+    def __init__(
+        self, id: int, kind: int, group: int, first_day: int, last_day: int, rides: int, rides_used: int
+    ) -> None:
+        self.id = id
+        self.kind = kind
+        self.group = group
+        # Season passes: valid on days [first_day, last_day] since 1970-01-01.
+        self.first_day = first_day
+        self.last_day = last_day
+        # Multi-ride tickets: rides bought, rides used.
+        self.rides = rides
+        self.rides_used = rides_used
+
+    def __repr__(self) -> str:
+        kind = "season" if self.kind == PRODUCT_SEASON else "multi_ride"
+        return f"Product({self.id} {kind} group={self.group})"
+
+
+def _season_pass(held: list[Product], group: int, day: int) -> Product | None:
+    """The valid season pass for ``group`` that ends first, or None."""
+    best: Product | None = None
+    for product in held:
+        if (
+            product.kind == PRODUCT_SEASON
+            and product.group == group
+            and product.first_day <= day <= product.last_day
+            and (best is None or product.last_day < best.last_day)
+        ):
+            best = product
+    return best
+
+
+def _ride_ticket(held: list[Product], group: int) -> Product | None:
+    """The oldest multi-ride ticket for ``group`` with rides left, or None."""
+    best: Product | None = None
+    for product in held:
+        if (
+            product.kind == PRODUCT_MULTI_RIDE
+            and product.group == group
+            and product.rides_used < product.rides
+            and (best is None or product.id < best.id)
+        ):
+            best = product
+    return best
 
 
 # A coordinate of a terminal that is not located (NaN never compares equal,
@@ -1399,6 +1656,7 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     transfer = False
     per_duration = False
     max_charge = 0
+    product_group = NO_GROUP
     if policy_row is not None:
         policy = _int64_column(policy_row, "policy row")
         _check_position(POLICY_FIELDS - 1, len(policy), "policy field")
@@ -1420,6 +1678,13 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
         cap_group = policy[POLICY_CAP_GROUP]
         per_duration = policy[POLICY_KIND] == SERVICE_PER_DURATION
         max_charge = policy[POLICY_MAX_CHARGE]
+        product_group = policy[POLICY_GROUP]
+    # Cards without products (nearly all) cost one dict miss, and only
+    # where some product could pay.
+    held = None
+    if fare and not exit_tap and product_group != NO_GROUP:
+        held = state.products.get(account)
+    product: Product | None = None
     latitude = terminal.latitude
     longitude = _NOT_LOCATED
     if latitude is not None:
@@ -1448,11 +1713,28 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
                 info |= INFO_REFUNDED
         fare = 0
     elif fare and per_duration:
-        # The entry takes the most one stay can cost: a stay whose exit is
-        # never tapped has paid its maximum charge.
-        fare = max_charge
+        if held is not None:
+            product = _season_pass(held, product_group, recorded_ms // MS_PER_DAY)
+            if product is None:
+                product = _ride_ticket(held, product_group)
+        if product is not None:
+            # A pass or one ride pays the whole stay.
+            fare = 0
+            info |= INFO_PASS_USED
+        else:
+            # The entry takes the most one stay can cost: a stay whose exit
+            # is never tapped has paid its maximum charge.
+            fare = max_charge
     elif fare:
-        if (
+        # Ways to pay, first that applies (docs/rules.md): season pass,
+        # free transfer, multi-ride ticket, stored value under a cap.
+        if held is not None:
+            product = _season_pass(held, product_group, recorded_ms // MS_PER_DAY)
+        if product is not None:
+            fare = 0
+            info |= INFO_PASS_USED
+            starts_journey = transfer
+        elif (
             transfer
             and activity.transfer_ms >= 0
             and recorded_ms - activity.transfer_ms <= settings[SETTING_TRANSFER_WINDOW_MS]
@@ -1461,13 +1743,18 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
             info |= INFO_TRANSFER
         else:
             starts_journey = transfer
+        if fare and held is not None and product is None:
+            product = _ride_ticket(held, product_group)
+            if product is not None:
+                fare = 0
+                info |= INFO_PASS_USED
         if cap_group != NO_CAP and fare:
             left = _capped(state, activity, cap_group, recorded_ms, fare)
             if left < fare:
                 fare = left
                 info |= INFO_CAPPED
     decision.info = info
-    if not exit_tap and minimum_balance > 0 and available < minimum_balance:
+    if not exit_tap and minimum_balance > 0 and available < minimum_balance and product is None:
         decision.result = RESULT_MINIMUM_BALANCE
         return
     if available - fare < account_floor:
@@ -1477,6 +1764,11 @@ def decide_tap(state: Any, terminal: Any, decision: Decision) -> None:
     decision.result = RESULT_APPROVED
     decision.amount = fare
     decision.balance = available - fare
+    if product is not None:
+        decision.product_id = product.id
+        if product.kind == PRODUCT_MULTI_RIDE:
+            product.rides_used += 1
+            decision.product_rides = 1
     # Only an approved tap is a passage: the next checks start from it.
     activity.last_ms = recorded_ms
     activity.last_terminal = decision.terminal_id
@@ -1603,10 +1895,18 @@ def decide_reversal(
     """Decide a REVERSAL of ``original`` (None when not found) in place.
 
     A refunded fare is a credit (spendable once committed); a reversed top-up
-    is a debit and needs the money to still be there.
+    is a debit and needs the money to still be there. A ride a multi-ride
+    ticket paid is given back to the ticket, and the fare no longer counts
+    towards the card's caps. An exit tap cannot be undone (it may have
+    settled a stay), nor an entry at a per-duration service whose stay has
+    ended; reversing an entry whose stay is open closes the stay.
 
     >>> decide_reversal(state, terminal, decision, None, False, 600_000)  # doctest: +SKIP
     """
+    group = NO_CAP
+    activity: Activity | None = None
+    product: Product | None = None
+    closes_stay = False
     if not terminal.active:
         decision.result = RESULT_TERMINAL_NOT_ALLOWED
         return
@@ -1631,6 +1931,36 @@ def decide_reversal(
     if already_reversed:
         decision.result = RESULT_ALREADY_REVERSED
         return
+    if original.kind == OPERATION_TOPUP and decision.original_terminal != decision.terminal_id:
+        # A top-up is reversed at its own kiosk, into its own funding account.
+        decision.result = RESULT_NOT_REVERSIBLE
+        return
+    if original.kind == OPERATION_TAP:
+        if original.tap_flags & TAP_FLAG_EXIT or original.info & INFO_REFUNDED:
+            decision.result = RESULT_NOT_REVERSIBLE
+            return
+        # The refund belongs to the fare's service (a card-office refund is
+        # made at another terminal): its revenue, its stays, its caps.
+        decision.service_id = original.service_id
+        card_found = state.card_position.get(original.card_uid)
+        if card_found is not None:
+            activity = state.activity.get(card_found)
+        policy_row = state.service_policy.get(original.service_id)
+        if policy_row is not None:
+            policy = _int64_column(policy_row, "policy row")
+            _check_position(POLICY_FIELDS - 1, len(policy), "policy field")
+            group = policy[POLICY_CAP_GROUP]
+            if policy[POLICY_KIND] == SERVICE_PER_DURATION:
+                if (
+                    activity is None
+                    or activity.stay_service != original.service_id
+                    or activity.stay_ms != original.recorded_ms
+                ):
+                    decision.result = RESULT_NOT_REVERSIBLE
+                    return
+                closes_stay = True
+        if original.product_id != NO_PRODUCT:
+            product = state.product_by_id.get(original.product_id)
     amount = original.amount
     if original.kind == OPERATION_TOPUP:
         if available - amount < floor[account]:
@@ -1647,6 +1977,32 @@ def decide_reversal(
         decision.source = state.revenue_account[original.service_id]
         decision.target = account
         decision.balance = available + amount
+        if closes_stay and activity is not None:
+            # The holder did not stay: the exit, if tapped, settles nothing.
+            decision.stay_ms = activity.stay_ms
+            decision.stay_charged = activity.stay_charged
+            activity.stay_service = -1
+            activity.stay_ms = -1
+            activity.stay_charged = 0
+        if product is not None:
+            decision.product_id = product.id
+            if product.kind == PRODUCT_MULTI_RIDE and product.rides_used > 0:
+                product.rides_used -= 1
+                decision.product_rides = -1
+        if group != NO_CAP and amount and activity is not None:
+            _check_position(group, CAP_GROUPS_MAX, "cap group")
+            spent = activity.cap_spent
+            day = original.recorded_ms // MS_PER_DAY
+            # The fare counted towards the totals of its own day and month
+            # only: totals of a later period never held it.
+            if activity.cap_day == day and spent[group] >= amount:
+                spent[group] -= amount
+                decision.cap_group = group
+                decision.cap_given_back |= CAP_DAY_TOTAL
+            if activity.cap_month == month_of_day(day) and spent[CAP_GROUPS_MAX + group] >= amount:
+                spent[CAP_GROUPS_MAX + group] -= amount
+                decision.cap_group = group
+                decision.cap_given_back |= CAP_MONTH_TOTAL
     decision.result = RESULT_APPROVED
     decision.amount = amount
     decision.ledger_kind = LEDGER_REVERSAL
@@ -1670,12 +2026,13 @@ def _nullable_literal(values: list[int | None]) -> str:
 def encode_batch(
     batch_id: int, batch: list[Decision], account_ids: _array[int], transfers_per_batch: int
 ) -> tuple[object, ...]:
-    """The commit statement's 28 arguments for one batch.
+    """The commit statement's 32 arguments for one batch.
 
-    Per decision, one row of the tap record (18 columns). Per account, the
+    Per decision, one row of the tap record (20 columns). Per account, the
     sum of its movements (each account updated once, in id order). Per
     (ledger kind, service), one transfer whose entries are the per-account
-    sums. Transfer ids are ``batch_id * transfers_per_batch + k``.
+    sums. Transfer ids are ``batch_id * transfers_per_batch + k``. Per
+    multi-ride ticket, the rides used (or given back) in the batch.
 
     >>> encode_batch(1, [], _array('q'), 1024)[2]
     '{}'
@@ -1684,7 +2041,7 @@ def encode_batch(
         raise TypeError(f"Argument 'batch' has incorrect type (expected list, got {type(batch).__name__})")
     ids = _int64_column(account_ids, "account_id")
     accounts = len(ids)
-    columns: list[list[int | None]] = [[] for _ in range(18)]
+    columns: list[list[int | None]] = [[] for _ in range(20)]
     (
         terminal_ids,
         seqs,
@@ -1704,7 +2061,10 @@ def encode_batch(
         infos,
         fare_profiles,
         rules_versions,
+        product_ids,
+        original_terminals,
     ) = columns
+    rides: dict[int, int] = {}
     deltas: dict[int, int] = {}
     transfers: dict[tuple[int, int], dict[int, int]] = {}
     for d in batch:
@@ -1731,6 +2091,13 @@ def encode_batch(
         infos.append(d.info)
         fare_profiles.append(None if d.fare_profile == NO_PROFILE else d.fare_profile)
         rules_versions.append(d.rules_version)
+        product_ids.append(None if d.product_id == NO_PRODUCT else d.product_id)
+        if d.kind == OPERATION_REVERSAL and d.original_terminal != d.terminal_id:
+            original_terminals.append(d.original_terminal)
+        else:
+            original_terminals.append(None)
+        if d.product_rides and d.result == RESULT_APPROVED:
+            rides[d.product_id] = rides.get(d.product_id, 0) + d.product_rides
         amount = d.amount
         if amount != 0 and d.result == RESULT_APPROVED:
             source = _check_position(d.source, accounts, "account")
@@ -1762,7 +2129,8 @@ def encode_batch(
             entry_transfers.append(transfer_id)
             entry_accounts.append(account_id)
             entry_amounts.append(cents)
-    nullable = (7, 14, 16)
+    ride_items = sorted(item for item in rides.items() if item[1])
+    nullable = (7, 14, 16, 18, 19)
     texts = tuple(
         _nullable_literal(column) if index in nullable else _literal(column)  # type: ignore[arg-type]
         for index, column in enumerate(columns)
@@ -1779,4 +2147,6 @@ def encode_batch(
         _literal(entry_transfers),
         _literal(entry_accounts),
         _literal(entry_amounts),
+        _literal([item[0] for item in ride_items]),
+        _literal([item[1] for item in ride_items]),
     )

@@ -82,7 +82,8 @@ ORDER BY card_uid, recorded_at DESC
 # Per card, its latest boarding that started a journey at a transfer
 # service: approved, not itself a transfer, and charged a fare. A boarding
 # whose fare a cap took down to nothing started a journey as well (the
-# ladder decides the transfer before the cap): CAPPED marks it.
+# ladder decides the transfer before the cap): CAPPED marks it; so did one
+# a pass or ticket paid: PASS_USED.
 _JOURNEYS_SQL = """
 SELECT card_uid, (extract(epoch FROM max(recorded_at)) * 1000)::int8
 FROM taps
@@ -91,33 +92,50 @@ WHERE recorded_at >= $1 AND kind = $2 AND result = $3 AND service_id = ANY($4::i
 GROUP BY card_uid
 """
 
-# Per card and capped service, the fares of this month and of today.
-# Reversals are not subtracted: the ladder does not give a reversed fare's
-# room under the cap back either, and the rebuilt totals must be the ones
-# the engine would hold had it not restarted.
+# Per card and capped service, the fares of this month and of today, less
+# the approved reversals of those fares: the ladder gives a reversed fare's
+# room under the cap back to the day and month the fare was in (the
+# reversal's service is its original's), and the rebuilt totals must be the
+# ones the engine would hold had it not restarted.
 _CAP_TOTALS_SQL = """
-SELECT card_uid, service_id,
-       coalesce(sum(amount_cents) FILTER (WHERE recorded_at >= $2), 0)::int8,
-       sum(amount_cents)::int8
-FROM taps
-WHERE recorded_at >= $1 AND kind = $3 AND result = $4 AND amount_cents > 0 AND service_id = ANY($5::int2[])
+SELECT card_uid, service_id, sum(day_cents)::int8, sum(month_cents)::int8
+FROM (
+    SELECT card_uid, service_id, CASE WHEN recorded_at >= $2 THEN amount_cents ELSE 0 END AS day_cents,
+           amount_cents AS month_cents
+    FROM taps
+    WHERE recorded_at >= $1 AND kind = $3 AND result = $4 AND amount_cents > 0 AND service_id = ANY($5::int2[])
+    UNION ALL
+    SELECT o.card_uid, o.service_id, CASE WHEN o.recorded_at >= $2 THEN -r.amount_cents ELSE 0 END,
+           -r.amount_cents
+    FROM taps r
+    JOIN taps o ON o.terminal_id = coalesce(r.original_terminal_id, r.terminal_id) AND o.terminal_seq = r.original_seq
+    WHERE r.recorded_at >= $1 AND r.kind = $6 AND r.result = $4 AND r.amount_cents > 0
+      AND o.recorded_at >= $1 AND o.kind = $3 AND o.service_id = ANY($5::int2[])
+) moved
 GROUP BY card_uid, service_id
 """
 
 
 # Per card and per-duration service, its latest approved tap there: when it
-# is an entry that took a charge, the stay is still open (its exit may come
-# after the restart and returns what the stay did not use). Stays older than
+# is an entry that took a charge (or was paid by a pass or ticket) and was
+# not reversed, the stay is still open (its exit may come after the restart
+# and returns what the stay did not use). Stays older than
 # STAY_LOOKBACK_DAYS have paid their maximum charge for good.
 _STAYS_SQL = """
 SELECT card_uid, service_id, (extract(epoch FROM recorded_at) * 1000)::int8, amount_cents
 FROM (
-    SELECT DISTINCT ON (card_uid, service_id) card_uid, service_id, recorded_at, tap_flags, amount_cents
+    SELECT DISTINCT ON (card_uid, service_id)
+           card_uid, service_id, recorded_at, tap_flags, amount_cents, product_id, terminal_id, terminal_seq
     FROM taps
     WHERE recorded_at >= $1 AND kind = $2 AND result = $3 AND service_id = ANY($4::int2[])
     ORDER BY card_uid, service_id, recorded_at DESC
 ) latest
-WHERE (tap_flags & $5) = 0 AND amount_cents > 0
+WHERE (tap_flags & $5) = 0 AND (amount_cents > 0 OR product_id IS NOT NULL)
+  AND NOT EXISTS (
+      SELECT 1 FROM taps r
+      WHERE coalesce(r.original_terminal_id, r.terminal_id) = latest.terminal_id
+        AND r.original_seq = latest.terminal_seq AND r.kind = $6 AND r.result = $3
+  )
 """
 STAY_LOOKBACK_DAYS = 7
 
@@ -241,7 +259,7 @@ async def _read_journeys(conn: asyncpg.Connection, builder: _Builder, now_ms: in
         ResultCode.APPROVED,
         services,
         TapInfo.TRANSFER,
-        TapInfo.CAPPED,
+        TapInfo.CAPPED | TapInfo.PASS_USED,
     )
     for card_uid, transfer_ms in zip(uids, times_ms, strict=True):
         if (activity := builder.activity(card_uid)) is not None:
@@ -268,6 +286,7 @@ async def _read_cap_totals(conn: asyncpg.Connection, builder: _Builder, now_ms: 
         OperationKind.TAP,
         ResultCode.APPROVED,
         list(groups),
+        OperationKind.REVERSAL,
     )
     month_offset = fastpath.CAP_GROUPS_MAX
     for card_uid, service_id, day_cents, month_cents in zip(uids, services, day_totals, month_totals, strict=True):
@@ -348,6 +367,7 @@ async def _read_stays(conn: asyncpg.Connection, builder: _Builder, now_ms: int) 
         ResultCode.APPROVED,
         services,
         fastpath.TAP_FLAG_EXIT,
+        OperationKind.REVERSAL,
     )
     # A card holds one open stay: the latest entry wins, as in the ladder
     # (an entry elsewhere replaces the stay it remembers).

@@ -21,7 +21,14 @@ every error is ``{"error": "...", "code": "..."}`` with a 4xx or 5xx status.
     POST /v1/cards                            {"uid", "holder_id"} or {"uid", "profile", "birth_date"}
     POST /v1/cards/{uid}/replace              {"new_uid"}
     POST /v1/cards/{uid}/topup                {"amount_cents", "terminal_id", "terminal_seq"}
+    POST /v1/cards/{uid}/products             {"product", "valid_from"?}  sell a pass or ticket
+    POST /v1/taps/{terminal_id}/{seq}/refund  {"terminal_id", "terminal_seq"}  (the desk's)
     PUT  /v1/holders/{holder_id}/eligibility  {"profile", "source", "valid_from", "valid_until"}
+
+A refund is a REVERSAL made at the card office's desk terminal (a kiosk)
+that names a tap of another terminal: decided and committed like any
+request, idempotent by the desk's (terminal, sequence), allowed within
+OFFICE_REFUND_WINDOW_S of the tap.
 
 >>> admin = AdminServer(state, processor, pool, master_key, registry)  # doctest: +SKIP
 >>> port = await admin.start("127.0.0.1", 9701)                         # doctest: +SKIP
@@ -52,10 +59,12 @@ from engine.limits import (
     ADMIN_TOPUP_WAIT_S,
     ADMIN_TOPUPS_REMEMBERED,
     BALANCE_MAX_CENTS,
+    PASS_START_AHEAD_MAX_DAYS,
     TOPUP_MAX_CENTS,
 )
 from engine.processor import INT64_MAX, Processor
-from engine.state import CityState, Terminal, now_ms, refresh_cards
+from engine.rules import Rules
+from engine.state import CityState, Terminal, day_number, now_ms, refresh_cards, refresh_products
 
 log = logging.getLogger("citycard.admin")
 
@@ -93,6 +102,8 @@ OPERATIONS = (
     "card.issue",
     "card.replace",
     "card.topup",
+    "card.sell_product",
+    "tap.refund",
     "holder.eligibility",
     "unknown",
 )
@@ -170,9 +181,33 @@ class TopupRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     terminal_seq: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 
 
+class ProductSaleRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A product of the rules in force; a season pass starts on ``valid_from``
+    (default: today)."""
+
+    product: ProfileCode
+    valid_from: datetime.date | None = None
+
+
+class RefundRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The desk terminal (a kiosk) and its sequence number for this refund."""
+
+    terminal_id: Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
+    terminal_seq: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+
+
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
     kind: msgspec.json.Decoder(kind)
-    for kind in (BlockRequest, UnblockRequest, IssueRequest, ReplaceRequest, EligibilityRequest, TopupRequest)
+    for kind in (
+        BlockRequest,
+        UnblockRequest,
+        IssueRequest,
+        ReplaceRequest,
+        EligibilityRequest,
+        TopupRequest,
+        ProductSaleRequest,
+        RefundRequest,
+    )
 }
 _ENCODER = msgspec.json.Encoder()
 
@@ -205,7 +240,7 @@ def _card_not_found(uid: int) -> AdminProblem:
 
 
 class _TopupReply:
-    """Where the processor delivers a card-office top-up's result (a ReplyTarget)."""
+    """Where the processor delivers a card-office request's result (a ReplyTarget)."""
 
     __slots__ = ("future",)
 
@@ -215,7 +250,7 @@ class _TopupReply:
     def deliver_result(
         self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int, info: int
     ) -> None:
-        # ``info`` is left out: its bits explain a tap, and a top-up sets none.
+        # ``info`` is left out: its bits explain a tap; top-ups and refunds set none.
         # A request that gave up waiting (ADMIN_TOPUP_WAIT_S) has a done future.
         if not self.future.done():
             self.future.set_result((result, amount, balance))
@@ -236,11 +271,26 @@ _SHOW_SQL = (
 )
 
 # The same expression the processor reads event times with, so that the
-# fingerprint of a retried top-up matches its record exactly.
-_RECORDED_TOPUP_SQL = (
-    "SELECT kind, card_uid, requested_cents, (extract(epoch FROM event_time) * 1000)::int8 AS event_ms"
+# fingerprint of a retried request matches its record exactly.
+_RECORDED_REQUEST_SQL = (
+    "SELECT kind, card_uid, requested_cents, original_seq, original_terminal_id,"
+    " (extract(epoch FROM event_time) * 1000)::int8 AS event_ms"
     " FROM taps WHERE terminal_id = $1 AND terminal_seq = $2"
 )
+
+_PRODUCTS_OF_ACCOUNT_SQL = (
+    "SELECT id, product_code, kind, group_code, valid_from, valid_until, rides, rides_used, price_cents,"
+    " sold_at, sold_by, sold_to_card FROM card_products WHERE account_id = $1 ORDER BY id"
+)
+
+_INSERT_PRODUCT_SQL = (
+    "INSERT INTO card_products (account_id, product_code, kind, group_code, rules_version, valid_from,"
+    " valid_until, rides, price_cents, sold_by, sold_to_card) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    " RETURNING id"
+)
+
+_PRODUCT_KINDS = {"season": 0, "multi_ride": 1}
+_PRODUCT_KIND_NAMES = {number: name for name, number in _PRODUCT_KINDS.items()}
 
 _UPSERT_ELIGIBILITY_SQL = (
     "INSERT INTO eligibility (holder_id, profile_id, source, valid_from, valid_until)"
@@ -283,9 +333,11 @@ class AdminServer:
         # Cards and holders whose committed change is not in memory yet.
         self._stale_uids: set[int] = set()
         self._stale_holders: set[int] = set()
+        self._stale_products: set[int] = set()
         self._stale_task: asyncio.Task[None] | None = None
-        # (terminal, seq) -> (card uid, amount, event time) of recent top-ups.
-        self._topup_events: dict[tuple[int, int], tuple[int, int, int]] = {}
+        # (terminal, seq) -> (the request's content, its event time) of recent
+        # top-ups and refunds.
+        self._request_events: dict[tuple[int, int], tuple[tuple[int, ...], int]] = {}
         self.requests = Counter(
             "citycard_admin_requests",
             "Card-office requests by operation and outcome (unauthorized, not_found, conflict, ...).",
@@ -308,6 +360,8 @@ class AdminServer:
             ("POST", "/v1/cards", "card.issue", self._issue),
             ("POST", "/v1/cards/{uid}/replace", "card.replace", self._replace),
             ("POST", "/v1/cards/{uid}/topup", "card.topup", self._topup),
+            ("POST", "/v1/cards/{uid}/products", "card.sell_product", self._sell_product),
+            ("POST", "/v1/taps/{terminal_id}/{terminal_seq}/refund", "tap.refund", self._refund),
             ("PUT", "/v1/holders/{holder_id}/eligibility", "holder.eligibility", self._eligibility),
         ]
         for method, path, operation, work in routes:
@@ -414,20 +468,25 @@ class AdminServer:
         *,
         uids: Iterable[int] = (),
         holders: Iterable[int] = (),
+        products_of: Callable[[_T], list[int]] | None = None,
     ) -> _T:
-        """Run ``work`` in one transaction, then bring the touched cards into memory."""
+        """Run ``work`` in one transaction, then bring the touched cards (and
+        the products ``products_of(result)`` names) into memory."""
         async with self._changes, self._connection() as conn:
             async with conn.transaction():
                 result = await work(conn)
-            await self._apply(conn, list(uids), list(holders))
+            products = products_of(result) if products_of is not None else []
+            await self._apply(conn, list(uids), list(holders), products)
         return result
 
-    async def _apply(self, conn: asyncpg.Connection, uids: list[int], holders: list[int]) -> None:
+    async def _apply(self, conn: asyncpg.Connection, uids: list[int], holders: list[int], products: list[int]) -> None:
         try:
             await refresh_cards(conn, self._state, uids=uids, holders=holders)
+            await refresh_products(conn, self._state, products)
         except _DATABASE_FAULTS as error:
             self._stale_uids.update(uids)
             self._stale_holders.update(holders)
+            self._stale_products.update(products)
             if self._stale_task is None or self._stale_task.done():
                 self._stale_task = asyncio.create_task(self._refresh_stale(), name="citycard-admin-refresh")
             log.error("card-office change committed but not yet in memory", extra={"error": repr(error)})
@@ -440,24 +499,34 @@ class AdminServer:
 
     async def _refresh_stale(self) -> None:
         """Re-read committed changes that did not reach memory, until they do."""
-        while self._stale_uids or self._stale_holders:
+        while self._stale_uids or self._stale_holders or self._stale_products:
             await asyncio.sleep(ADMIN_REFRESH_RETRY_S)
-            uids, holders = list(self._stale_uids), list(self._stale_holders)
+            uids, holders, products = list(self._stale_uids), list(self._stale_holders), list(self._stale_products)
             try:
                 async with self._changes, self._connection() as conn:
                     await refresh_cards(conn, self._state, uids=uids, holders=holders)
+                    await refresh_products(conn, self._state, products)
             except _DATABASE_FAULTS as error:
                 log.warning("card-office change still not in memory", extra={"error": repr(error)})
                 continue
             self._stale_uids.difference_update(uids)
             self._stale_holders.difference_update(holders)
+            self._stale_products.difference_update(products)
             log.info("card-office change now in memory", extra={"cards": len(uids), "holders": len(holders)})
 
     def _log(
-        self, operator: str, action: str, *, card: int | None = None, holder: int | None = None, **extra: object
+        self,
+        operator: str,
+        action: str,
+        *,
+        card: int | None = None,
+        holder: int | None = None,
+        subject: str | None = None,
+        **extra: object,
     ) -> None:
         # Card uids appear in logs only as pseudonyms; the audit trail holds the uid.
-        subject = self._processor.card_ref(card) if card is not None else f"holder:{holder}"
+        if subject is None:
+            subject = self._processor.card_ref(card) if card is not None else f"holder:{holder}"
         log.info("card office", extra={"operator": operator, "action": action, "subject": subject, **extra})
 
     # --- operations ---------------------------------------------------------------------------
@@ -468,9 +537,32 @@ class AdminServer:
             row = await conn.fetchrow(_SHOW_SQL, uid)
             if row is None:
                 raise _card_not_found(uid)
+            products = await conn.fetch(_PRODUCTS_OF_ACCOUNT_SQL, row["account_id"])
             # Looking at a holder's card is personal data processing: audited too.
             audit_id = await _audit(conn, operator, "card.show", f"card:{uid}", {})
-        return _json(200, {**self._card_view(row), "audit_id": audit_id})
+        view = self._card_view(row)
+        view["products"] = [self._product_view(product) for product in products]
+        return _json(200, {**view, "audit_id": audit_id})
+
+    def _product_view(self, row: asyncpg.Record) -> dict[str, Any]:
+        """A product as the engine holds it: rides used from memory (the
+        record lags the rides decided and not yet committed)."""
+        held = self._state.product_by_id.get(row["id"])
+        rides_used = held.rides_used if held is not None else row["rides_used"]
+        return {
+            "id": row["id"],
+            "product": row["product_code"],
+            "kind": _PRODUCT_KIND_NAMES[row["kind"]],
+            "group": row["group_code"],
+            "valid_from": row["valid_from"],
+            "valid_until": row["valid_until"],
+            "rides": row["rides"],
+            "rides_left": row["rides"] - rides_used if row["rides"] is not None else None,
+            "price_cents": row["price_cents"],
+            "sold_at": row["sold_at"],
+            "sold_by": row["sold_by"],
+            "sold_to_card": row["sold_to_card"],
+        }
 
     def _card_view(self, row: asyncpg.Record) -> dict[str, Any]:
         """A card as the engine decides on it: status and balance from memory."""
@@ -692,38 +784,14 @@ class AdminServer:
     async def _topup(self, request: web.Request, operator: str) -> web.Response:
         uid = _path_number(request, "uid")
         body = await _decode(request, TopupRequest)
-        terminal = self._state.terminals.get(body.terminal_id)
-        if terminal is None:
-            raise AdminProblem(404, "terminal_not_found", f"no terminal {body.terminal_id}")
-        if terminal.kind != TerminalKind.KIOSK:
-            raise AdminProblem(422, "not_a_kiosk", f"terminal {body.terminal_id} is not a kiosk: it cannot top up")
+        terminal = self._desk(body.terminal_id, "top up")
         if uid not in self._state.card_position:
             raise _card_not_found(uid)
-        event_ms = await self._topup_event_time(terminal, body.terminal_seq, uid, body.amount_cents)
-        future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
-        processor = self._processor
-        processor.submit(
-            _TopupReply(future),
-            0,
-            terminal,
-            OperationKind.TOPUP,
-            body.terminal_seq,
-            uid,
-            0,
-            0,
-            body.amount_cents,
-            None,
-            event_ms,
+        content = (OperationKind.TOPUP, uid, body.amount_cents)
+        event_ms = await self._event_time(terminal, body.terminal_seq, content)
+        result, amount, balance = await self._submit_and_wait(
+            terminal, OperationKind.TOPUP, body.terminal_seq, event_ms, uid=uid, requested=body.amount_cents
         )
-        processor.flush()
-        try:
-            result, amount, balance = await asyncio.wait_for(future, ADMIN_TOPUP_WAIT_S)
-        except TimeoutError:
-            raise AdminProblem(
-                504,
-                "outcome_pending",
-                f"no outcome within {ADMIN_TOPUP_WAIT_S:g} s; retry with the same terminal_seq to learn it",
-            ) from None
         code = ResultCode(result)
         detail = {
             "terminal_id": body.terminal_id,
@@ -733,51 +801,236 @@ class AdminServer:
             "amount_cents": amount,
             "balance_cents": balance,
         }
-        audit_id: int | None = None
-        try:
-            async with self._connection() as conn:
-                audit_id = await _audit(conn, operator, "card.topup", f"card:{uid}", detail)
-        except _DATABASE_FAULTS as error:
-            # The top-up itself is in the record (taps) whatever happens here.
-            log.error("card-office top-up not audited", extra={"operator": operator, "error": repr(error)})
+        audit_id = await self._audit_outcome(operator, "card.topup", f"card:{uid}", detail)
         self._log(operator, "card.topup", card=uid, result=code.name)
-        if code == ResultCode.BUSY_RETRY:
-            raise AdminProblem(503, "busy_retry", "the engine could not take it now; retry with the same terminal_seq")
-        if code == ResultCode.SEQUENCE_REUSED:
-            raise AdminProblem(409, "sequence_reused", f"terminal_seq {body.terminal_seq} was used for another request")
-        if code == ResultCode.PROTOCOL_ERROR:
-            raise AdminProblem(400, "invalid_request", "the engine refused the request's fields")
+        _refuse_unsettled(code, body.terminal_seq)
         return _json(200, {"uid": uid, **detail, "approved": code == ResultCode.APPROVED, "audit_id": audit_id})
 
-    async def _topup_event_time(self, terminal: Terminal, terminal_seq: int, uid: int, amount: int) -> int:
-        """The event time of a card-office top-up.
+    async def _refund(self, request: web.Request, operator: str) -> web.Response:
+        original_terminal = _path_number(request, "terminal_id")
+        original_seq = _path_number(request, "terminal_seq")
+        body = await _decode(request, RefundRequest)
+        terminal = self._desk(body.terminal_id, "refund")
+        if original_terminal not in self._state.terminals:
+            raise AdminProblem(404, "terminal_not_found", f"no terminal {original_terminal}")
+        content = (OperationKind.REVERSAL, original_terminal, original_seq)
+        event_ms = await self._event_time(terminal, body.terminal_seq, content)
+        result, amount, balance = await self._submit_and_wait(
+            terminal,
+            OperationKind.REVERSAL,
+            body.terminal_seq,
+            event_ms,
+            original_seq=original_seq,
+            original_terminal=original_terminal,
+        )
+        code = ResultCode(result)
+        detail = {
+            "terminal_id": body.terminal_id,
+            "terminal_seq": body.terminal_seq,
+            "original_terminal_id": original_terminal,
+            "original_seq": original_seq,
+            "result": code.name,
+            "amount_cents": amount,
+            "balance_cents": balance,
+        }
+        audit_id = await self._audit_outcome(operator, "tap.refund", f"tap:{original_terminal}:{original_seq}", detail)
+        self._log(operator, "tap.refund", subject=f"tap:{original_terminal}:{original_seq}", result=code.name)
+        _refuse_unsettled(code, body.terminal_seq)
+        return _json(200, {**detail, "approved": code == ResultCode.APPROVED, "audit_id": audit_id})
+
+    async def _sell_product(self, request: web.Request, operator: str) -> web.Response:
+        uid = _path_number(request, "uid")
+        body = await _decode(request, ProductSaleRequest)
+        state = self._state
+        version = state.rules_version
+        today = datetime.datetime.now(datetime.UTC).date()
+        valid_from = body.valid_from if body.valid_from is not None else today
+        if valid_from < today or (valid_from - today).days > PASS_START_AHEAD_MAX_DAYS:
+            raise AdminProblem(
+                422,
+                "invalid_period",
+                f"valid_from {valid_from} must be from today to {PASS_START_AHEAD_MAX_DAYS} days ahead",
+            )
+
+        async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+            card = await conn.fetchrow(
+                "SELECT c.status, c.account_id, p.code AS profile, h.profile_id FROM cards c"
+                " JOIN holders h ON h.id = c.holder_id JOIN profiles p ON p.id = h.profile_id WHERE c.uid = $1",
+                uid,
+            )
+            if card is None:
+                raise _card_not_found(uid)
+            if card["status"] != CardStatus.ACTIVE:
+                raise AdminProblem(
+                    409, "card_not_active", f"card {uid} is {_status_name(card['status'])}: sell to an active card"
+                )
+            document = await conn.fetchval("SELECT document::text FROM rules_versions WHERE version = $1", version)
+            if document is None:
+                raise AdminProblem(409, "no_rules", "no rules version is in force: there is nothing to sell")
+            rules = msgspec.json.decode(document, type=Rules)
+            product = next((item for item in rules.products if item.code == body.product), None)
+            if product is None:
+                known = ", ".join(item.code for item in rules.products) or "none"
+                raise AdminProblem(
+                    422, "unknown_product", f"no product {body.product!r} in rules version {version} (sold: {known})"
+                )
+            if product.profiles is not None:
+                self._check_entitled(uid, card["profile"], product.profiles, today)
+            season = product.kind == "season"
+            valid_until = valid_from + datetime.timedelta(days=(product.days or 1) - 1) if season else None
+            product_id = int(
+                await conn.fetchval(
+                    _INSERT_PRODUCT_SQL,
+                    card["account_id"],
+                    product.code,
+                    _PRODUCT_KINDS[product.kind],
+                    product.group,
+                    version,
+                    valid_from if season else None,
+                    valid_until,
+                    product.rides,
+                    product.price_cents,
+                    operator,
+                    uid,
+                )
+            )
+            detail = {
+                "product_id": product_id,
+                "product": product.code,
+                "kind": product.kind,
+                "group": product.group,
+                "valid_from": valid_from if season else None,
+                "valid_until": valid_until,
+                "rides": product.rides,
+                "price_cents": product.price_cents,
+                "paid_at": "card office",
+                "rules_version": version,
+                "account_id": card["account_id"],
+            }
+            audit_id = await _audit(conn, operator, "card.sell_product", f"card:{uid}", detail)
+            return {"uid": uid, **detail, "audit_id": audit_id}
+
+        result = await self._change(work, products_of=lambda sold: [sold["product_id"]])
+        self._log(operator, "card.sell_product", card=uid, product=body.product)
+        return _json(201, result)
+
+    def _check_entitled(self, uid: int, profile: str, allowed: Iterable[str], today: datetime.date) -> None:
+        """A product for some profiles only: the holder's, valid today."""
+        if profile not in allowed:
+            raise AdminProblem(
+                422, "not_entitled", f"the holder's profile {profile!r} may not hold it (only: {', '.join(allowed)})"
+            )
+        position = self._state.card_position.get(uid)
+        if position is None:
+            return  # a card issued this instant: its eligibility is checked at the first tap
+        day = day_number(today)
+        state = self._state
+        if not state.card_eligible_from[position] <= day <= state.card_eligible_until[position]:
+            raise AdminProblem(
+                422, "not_entitled", f"the holder's {profile} eligibility is not valid today: renew it first"
+            )
+
+    def _desk(self, terminal_id: int, action: str) -> Terminal:
+        """The card office's desk terminal: a kiosk, the only kind that moves money by hand."""
+        terminal = self._state.terminals.get(terminal_id)
+        if terminal is None:
+            raise AdminProblem(404, "terminal_not_found", f"no terminal {terminal_id}")
+        if terminal.kind != TerminalKind.KIOSK:
+            raise AdminProblem(422, "not_a_kiosk", f"terminal {terminal_id} is not a kiosk: it cannot {action}")
+        return terminal
+
+    async def _submit_and_wait(
+        self,
+        terminal: Terminal,
+        kind: int,
+        terminal_seq: int,
+        event_ms: int,
+        *,
+        uid: int = 0,
+        requested: int = 0,
+        original_seq: int | None = None,
+        original_terminal: int | None = None,
+    ) -> tuple[int, int, int]:
+        """Hand one request to the processor, as the desk's terminal would,
+        and wait for its committed outcome: (result, amount, balance)."""
+        future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
+        processor = self._processor
+        processor.submit(
+            _TopupReply(future),
+            0,
+            terminal,
+            kind,
+            terminal_seq,
+            uid,
+            0,
+            0,
+            requested,
+            original_seq,
+            event_ms,
+            original_terminal,
+        )
+        processor.flush()
+        try:
+            return await asyncio.wait_for(future, ADMIN_TOPUP_WAIT_S)
+        except TimeoutError:
+            raise AdminProblem(
+                504,
+                "outcome_pending",
+                f"no outcome within {ADMIN_TOPUP_WAIT_S:g} s; retry with the same terminal_seq to learn it",
+            ) from None
+
+    async def _audit_outcome(self, operator: str, action: str, subject: str, detail: dict[str, Any]) -> int | None:
+        """The audit row of a request the processor decided (its own record is in taps)."""
+        try:
+            async with self._connection() as conn:
+                return await _audit(conn, operator, action, subject, detail)
+        except _DATABASE_FAULTS as error:
+            # The request itself is in the record (taps) whatever happens here.
+            log.error("card-office request not audited", extra={"operator": operator, "error": repr(error)})
+            return None
+
+    async def _event_time(self, terminal: Terminal, terminal_seq: int, content: tuple[int, ...]) -> int:
+        """The event time of a card-office top-up or refund.
 
         Part of a request's content is its event time: a retry must carry the
-        original's, or it is answered SEQUENCE_REUSED. A retry of a top-up
+        original's, or it is answered SEQUENCE_REUSED. A retry of a request
         still in flight finds it here; one already committed, in the record.
+        ``content`` is (kind, card uid, amount) or (kind, original terminal,
+        original sequence).
         """
         key = (terminal.id, terminal_seq)
-        remembered = self._topup_events.get(key)
-        if remembered is not None and remembered[:2] == (uid, amount):
-            return remembered[2]
+        remembered = self._request_events.get(key)
+        if remembered is not None and remembered[0] == content:
+            return remembered[1]
         event_ms = now_ms()
         if terminal_seq <= terminal.high_seq:
             async with self._connection() as conn:
-                row = await conn.fetchrow(_RECORDED_TOPUP_SQL, terminal.id, terminal_seq)
-            if row is not None and (row["kind"], row["card_uid"], row["requested_cents"]) == (
-                OperationKind.TOPUP,
-                uid,
-                amount,
-            ):
-                event_ms = int(row["event_ms"])
-        events = self._topup_events
-        events[key] = (uid, amount, event_ms)
+                row = await conn.fetchrow(_RECORDED_REQUEST_SQL, terminal.id, terminal_seq)
+            if row is not None:
+                if row["kind"] == OperationKind.REVERSAL:
+                    recorded = (row["kind"], row["original_terminal_id"] or terminal.id, row["original_seq"])
+                else:
+                    recorded = (row["kind"], row["card_uid"], row["requested_cents"])
+                if recorded == content:
+                    event_ms = int(row["event_ms"])
+        events = self._request_events
+        events[key] = (content, event_ms)
         if len(events) > ADMIN_TOPUPS_REMEMBERED:
             del events[next(iter(events))]
         return event_ms
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+
+def _refuse_unsettled(code: ResultCode, terminal_seq: int) -> None:
+    """Outcomes that are not a decision about the card: answered as HTTP errors."""
+    if code == ResultCode.BUSY_RETRY:
+        raise AdminProblem(503, "busy_retry", "the engine could not take it now; retry with the same terminal_seq")
+    if code == ResultCode.SEQUENCE_REUSED:
+        raise AdminProblem(409, "sequence_reused", f"terminal_seq {terminal_seq} was used for another request")
+    if code == ResultCode.PROTOCOL_ERROR:
+        raise AdminProblem(400, "invalid_request", "the engine refused the request's fields")
 
 
 def _path_number(request: web.Request, name: str) -> int:

@@ -90,6 +90,20 @@ class AdminClient:
         body = {"amount_cents": amount_cents, "terminal_id": terminal_id, "terminal_seq": terminal_seq}
         return self._request("POST", f"/v1/cards/{uid}/topup", body)
 
+    def sell_product(self, uid: int, product: str, *, valid_from: datetime.date | None = None) -> dict[str, Any]:
+        """Sell a season pass or multi-ride ticket of the rules in force (paid at the desk)."""
+        body: dict[str, Any] = {"product": product}
+        if valid_from is not None:
+            body["valid_from"] = valid_from
+        return self._request("POST", f"/v1/cards/{uid}/products", body)
+
+    def refund(
+        self, original_terminal_id: int, original_seq: int, *, terminal_id: int, terminal_seq: int
+    ) -> dict[str, Any]:
+        """Refund (reverse) a tap of any terminal at the desk terminal ``terminal_id``."""
+        body = {"terminal_id": terminal_id, "terminal_seq": terminal_seq}
+        return self._request("POST", f"/v1/taps/{original_terminal_id}/{original_seq}/refund", body)
+
     def set_eligibility(
         self,
         holder_id: int,

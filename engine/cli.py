@@ -4,8 +4,9 @@
     citycard serve --listen 127.0.0.1:7700 --metrics 127.0.0.1:9700
     citycard migrate
     citycard seed --cards 340000
-    citycard tap --terminal 1 --card 1234567890
+    citycard tap --terminal 1 --card 1234567890 [--tls-ca engine.pem]
     citycard terminal-key --terminal 1
+    citycard terminal rotate-key --terminal 1 --actor NAME  accept a new key too (engine/cli_terminal.py)
     citycard status
     citycard card block 1234567890 --reason lost     card-office operations (engine/cli_card.py)
     citycard rules load rules/gijon.toml --actor NAME  a new rules version (engine/cli_rules.py)
@@ -42,6 +43,7 @@ from engine.blocking_client import BlockingTerminalClient
 from engine.cli_card import CARD_COMMANDS, add_card_commands
 from engine.cli_office import OFFICE_COMMANDS, add_office_commands
 from engine.cli_rules import add_rules_commands, run_rules_command
+from engine.cli_terminal import TERMINAL_COMMANDS, add_terminal_commands
 from engine.client import AuthenticationError, ConnectionLost, EngineError
 from engine.db import DatabaseUnavailable, connect, default_data_dir, describe_dsn, resolve_database
 from engine.embedded_db import EmbeddedDatabaseError
@@ -49,6 +51,7 @@ from engine.keys import MasterKeyError, derive_terminal_key, load_master_key
 from engine.migrate import MigrationError, migrate
 from engine.seed import AlreadySeeded, seed_city
 from engine.server import Engine, EngineConfig, EngineStartError
+from engine.tls import TlsConfigError, client_context, server_context
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 DEFAULT_METRICS = "127.0.0.1:9700"
@@ -105,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin", default=DEFAULT_ADMIN, help="card-office interface HOST:PORT, or 'off'")
     serve.add_argument("--batch-max", type=int, default=None, help="most decisions per commit")
     serve.add_argument("--naive", action="store_true", help="one commit per tap (for comparison only)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve terminals over TLS with this certificate (PEM)")
+    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
     # The fault harness's negative control; needs CITYCARD_ALLOW_UNSAFE=1 too.
     serve.add_argument("--unsafe-answer-before-commit", action="store_true", help=argparse.SUPPRESS)
 
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--reversal", type=int, metavar="SEQ", help="reverse this earlier sequence")
     tap.add_argument("--exit", action="store_true", help="mark the tap as an exit tap")
     tap.add_argument("--key-version", type=int, default=1, help="the terminal's key version (default 1)")
+    tap.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    tap.add_argument("--tls-ca", metavar="FILE", help="connect over TLS, trusting this CA certificate (PEM)")
 
     key = commands.add_parser("terminal-key", help="print a terminal's key (hex) for provisioning")
     _database_options(key)
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_card_commands(commands)
     add_rules_commands(commands)
     add_office_commands(commands)
+    add_terminal_commands(commands)
     return parser
 
 
@@ -203,6 +211,12 @@ def _engine_config(args: argparse.Namespace, dsn: str) -> EngineConfig:
     options: dict[str, object] = {}
     if getattr(args, "unsafe_answer_before_commit", False):
         options["unsafe_answer_before_commit"] = True
+    tls_cert, tls_key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if tls_cert is not None and tls_key is not None:
+        server_context(tls_cert, tls_key)  # a bad file is refused now, before anything starts
+        options["tls_cert"], options["tls_key"] = tls_cert, tls_key
     if batch_max is not None:
         if batch_max < 1:
             raise UsageError("--batch-max must be at least 1")
@@ -350,7 +364,10 @@ def cmd_tap(args: argparse.Namespace) -> int:
     key_version = args.key_version
     key = derive_terminal_key(master, args.terminal, key_version)
     seq = args.seq if args.seq is not None else time.time_ns() // 1000
-    with BlockingTerminalClient(host, port, terminal_id=args.terminal, key=key, key_version=key_version) as client:
+    tls = client_context(args.tls_ca) if args.tls or args.tls_ca is not None else None
+    with BlockingTerminalClient(
+        host, port, terminal_id=args.terminal, key=key, key_version=key_version, tls=tls
+    ) as client:
         if args.reversal is not None:
             result = client.reversal(seq, args.reversal)
         elif args.topup is not None:
@@ -375,23 +392,25 @@ def cmd_tap(args: argparse.Namespace) -> int:
 def cmd_terminal_key(args: argparse.Namespace) -> int:
     master = load_master_key(_data_dir(args), create=False)
 
-    async def key_version(conn: asyncpg.Connection) -> int | None:
-        value = await conn.fetchval("SELECT key_version FROM terminals WHERE id = $1", args.terminal)
-        return None if value is None else int(value)
+    async def key_versions(conn: asyncpg.Connection) -> tuple[int, int | None] | None:
+        await migrate(conn)
+        row = await conn.fetchrow("SELECT key_version, next_key_version FROM terminals WHERE id = $1", args.terminal)
+        return None if row is None else (int(row[0]), row[1])
 
     with resolve_database(args.dsn, _data_dir(args)) as database:
-        version = asyncio.run(_with_connection(database.dsn, key_version))
-    if version is None:
+        versions = asyncio.run(_with_connection(database.dsn, key_versions))
+    if not isinstance(versions, tuple):
         raise UsageError(f"no terminal {args.terminal}")
-    print(
-        orjson.dumps(
-            {
-                "terminal": args.terminal,
-                "key_version": version,
-                "key": derive_terminal_key(master, args.terminal, int(version)).hex(),  # type: ignore[call-overload]
-            }
-        ).decode()
-    )
+    version, following = versions
+    report: dict[str, object] = {
+        "terminal": args.terminal,
+        "key_version": version,
+        "key": derive_terminal_key(master, args.terminal, version).hex(),
+    }
+    if following is not None:  # a rotation is pending (citycard terminal rotate-key)
+        report["next_key_version"] = following
+        report["next_key"] = derive_terminal_key(master, args.terminal, following).hex()
+    print(orjson.dumps(report).decode())
     return 0
 
 
@@ -444,6 +463,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "tap": cmd_tap,
     "terminal-key": cmd_terminal_key,
     "status": cmd_status,
+    **TERMINAL_COMMANDS,
     **CARD_COMMANDS,
     "rules": run_rules_command,
     **OFFICE_COMMANDS,
@@ -461,13 +481,20 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UsageError as error:
         parser.error(str(error))
-    except (MasterKeyError, AlreadySeeded, MigrationError) as error:
+    except (MasterKeyError, AlreadySeeded, MigrationError, TlsConfigError) as error:
         print(f"citycard: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except (DatabaseUnavailable, EmbeddedDatabaseError, EngineStartError, EngineFailure) as error:
         print(f"citycard: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    except (ConnectionRefusedError, ConnectionLost, AuthenticationError, EngineError, OSError) as error:
+    except (
+        ConnectionRefusedError,
+        ConnectionLost,
+        AuthenticationError,
+        EngineError,
+        fastpath.ProtocolError,
+        OSError,
+    ) as error:
         print(f"citycard: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -6,6 +6,8 @@
     citycard card issue --uid UID (--holder ID | --profile P [--birth-date D])
     citycard card replace OLD NEW
     citycard card topup UID AMOUNT_CENTS --terminal T [--seq S]
+    citycard card sell UID PRODUCT [--from D]
+    citycard card refund TERMINAL SEQ --desk T [--desk-seq S]
     citycard holder eligibility HOLDER --profile P --source S --from D --until D
     citycard admin-token NAME
 
@@ -112,6 +114,19 @@ def add_card_commands(subparsers: Any) -> None:
     topup.add_argument("--terminal", type=int, required=True, help="the kiosk terminal id")
     topup.add_argument(
         "--seq", type=int, help="the kiosk's sequence; retry with the same one (default: microseconds since the epoch)"
+    )
+
+    sell = _leaf(cards, "sell", "sell a season pass or multi-ride ticket, paid at the desk", cmd_card_sell)
+    sell.add_argument("uid", type=card_uid)
+    sell.add_argument("product", help="a product code of the rules in force (citycard rules show)")
+    sell.add_argument("--from", dest="valid_from", type=iso_date, help="a season pass's first day (default: today)")
+
+    refund = _leaf(cards, "refund", "refund a tap of any terminal, within 30 days", cmd_card_refund)
+    refund.add_argument("terminal", type=int, help="the terminal that recorded the tap")
+    refund.add_argument("seq", type=int, help="the tap's sequence number at that terminal")
+    refund.add_argument("--desk", type=int, required=True, help="the card office's desk terminal id (a kiosk)")
+    refund.add_argument(
+        "--desk-seq", type=int, help="the desk's sequence; retry with the same one (default: microseconds now)"
     )
 
     holder = subparsers.add_parser("holder", help="card-office operations on a holder, through the running engine")
@@ -264,15 +279,44 @@ def cmd_card_topup(args: argparse.Namespace) -> int:
     seq = args.seq if args.seq is not None else time.time_ns() // 1000
 
     def request(client: AdminClient) -> dict[str, Any]:
-        try:
-            return client.topup(args.uid, args.amount_cents, terminal_id=args.terminal, terminal_seq=seq)
-        except AdminError as error:
-            if error.code in ("busy_retry", "outcome_pending"):
-                error.message += f"; retry with --seq {seq}"
-            raise
+        return client.topup(args.uid, args.amount_cents, terminal_id=args.terminal, terminal_seq=seq)
 
     # A declined top-up (a blocked card, the balance limit) exits like a declined tap.
-    return _carry_out(args, request, refused_when=lambda answer: not answer.get("approved", False))
+    return _carry_out(args, _retry_hint(request, "--seq", seq), refused_when=_declined)
+
+
+def cmd_card_sell(args: argparse.Namespace) -> int:
+    return _carry_out(args, lambda client: client.sell_product(args.uid, args.product, valid_from=args.valid_from))
+
+
+def cmd_card_refund(args: argparse.Namespace) -> int:
+    seq = args.desk_seq if args.desk_seq is not None else time.time_ns() // 1000
+
+    def request(client: AdminClient) -> dict[str, Any]:
+        return client.refund(args.terminal, args.seq, terminal_id=args.desk, terminal_seq=seq)
+
+    # A declined refund (window passed, already refunded) exits like a declined tap.
+    return _carry_out(args, _retry_hint(request, "--desk-seq", seq), refused_when=_declined)
+
+
+def _declined(answer: dict[str, Any]) -> bool:
+    return not answer.get("approved", False)
+
+
+def _retry_hint(
+    request: Callable[[AdminClient], dict[str, Any]], option: str, seq: int
+) -> Callable[[AdminClient], dict[str, Any]]:
+    """``request``, telling the operator which sequence to retry with when the outcome is not known."""
+
+    def carried_out(client: AdminClient) -> dict[str, Any]:
+        try:
+            return request(client)
+        except AdminError as error:
+            if error.code in ("busy_retry", "outcome_pending"):
+                error.message += f"; retry with {option} {seq}"
+            raise
+
+    return carried_out
 
 
 def cmd_holder_eligibility(args: argparse.Namespace) -> int:

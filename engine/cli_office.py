@@ -258,6 +258,12 @@ def daily_report_table(report: DailyReport) -> list[str]:
         declines = ", ".join(f"{name} {count}" for name, count in figures.declines.items()) or "-"
         cells = [str(getattr(figures, name)) for name, _ in _TABLE_COLUMNS]
         lines.append(format_row(service_code, profile_code, cells, declines))
+    if report.products:
+        lines.append("Passes and tickets (paid at the card office, not in the fares above):")
+        for sales in report.products:
+            lines.append(
+                f"  {sales.product} ({sales.kind}): {sales.sold} sold for {sales.price_cents}, {sales.uses} taps paid"
+            )
     return lines
 
 
@@ -274,7 +280,7 @@ def reconcile_text(result: ReconcileResult) -> list[str]:
     """Every difference found, one a line, then the verdict."""
     lines = [
         f"checked {result.accounts_checked} accounts, {result.transfers_checked} ledger transfers,"
-        f" {result.batches_checked} batches"
+        f" {result.batches_checked} batches, {result.tickets_checked} multi-ride tickets"
     ]
     for account in result.account_differences:
         balance = "no such account" if account.balance_cents is None else str(account.balance_cents)
@@ -296,8 +302,13 @@ def reconcile_text(result: ReconcileResult) -> list[str]:
             f" difference {batch.difference_cents}"
         )
     lines += _more(result.batch_differences_total, len(result.batch_differences), "batch")
-    total = result.account_differences_total + result.transfer_differences_total + result.batch_differences_total
-    lines.append("OK: the books agree" if result.ok else f"FAILED: {total} differences")
+    for ticket in result.ticket_differences:
+        lines.append(
+            f"ticket {ticket.product_id}: {ticket.rides_used} of {ticket.rides} rides used,"
+            f" taps record {ticket.rides_recorded}"
+        )
+    lines += _more(result.ticket_differences_total, len(result.ticket_differences), "ticket")
+    lines.append("OK: the books agree" if result.ok else f"FAILED: {result.differences_total} differences")
     return lines
 
 

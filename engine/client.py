@@ -7,13 +7,17 @@
 ...     await client.close()
 
 Many requests may be outstanding at once (``asyncio.gather`` over ``tap``):
-each gets its own request id and its reply is matched by it.
+each gets its own request id and its reply is matched by it. Every frame
+after the handshake is sealed both ways (``engine/seal.py``); with ``tls``
+(``engine.tls.client_context()``) the connection is TLS too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
+import ssl
 import time
 
 import msgspec
@@ -21,6 +25,7 @@ import msgspec
 from engine import fastpath
 from engine.codes import ErrorCode, MessageType, ResultCode, TapInfo
 from engine.limits import MAX_IN_FLIGHT_PER_CONNECTION, NONCE_BYTES
+from engine.seal import Opener, Sealer, derive_session_keys
 
 # Request ids wrap at 2**32; a terminal never has that many outstanding.
 REQUEST_ID_MODULUS = 1 << 32
@@ -89,6 +94,11 @@ class TerminalClient:
         self._waiting: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._receiver: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
+        # Set during the handshake: the engine's frames after AUTH_OK are
+        # opened, ours after AUTH are sealed.
+        self._opener: Opener | None = None
+        self._receiving_sealed = False
+        self._sealer: Sealer | None = None
         self.engine_time_ms = 0
         # The engine closes a connection with more unanswered requests than
         # its limit; callers may gather thousands, so the client waits here.
@@ -104,9 +114,10 @@ class TerminalClient:
         key: bytes,
         key_version: int = 1,
         timeout: float = DEFAULT_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
     ) -> TerminalClient:
-        """Open a connection and run the handshake."""
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        """Open a connection (TLS with ``tls``) and run the handshake."""
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), timeout)
         client = cls(reader, writer)
         client._receiver = asyncio.create_task(client._receive())
         try:
@@ -125,6 +136,8 @@ class TerminalClient:
             raise AuthenticationError(f"expected CHALLENGE, got type 0x{msg_type:02x}")
         server_nonce = fastpath.decode_challenge(body)
         proof = fastpath.terminal_proof(key, terminal_id, key_version, client_nonce, server_nonce)
+        keys = derive_session_keys(key, terminal_id, key_version, client_nonce, server_nonce)
+        self._opener = Opener(keys.engine_to_terminal)
         try:
             msg_type, body = await self._request(lambda rid: fastpath.encode_auth(rid, proof))
         except EngineError as error:
@@ -133,8 +146,9 @@ class TerminalClient:
             raise AuthenticationError(f"expected AUTH_OK, got type 0x{msg_type:02x}")
         engine_proof, self.engine_time_ms = fastpath.decode_auth_ok(body)
         expected = fastpath.engine_proof(key, terminal_id, key_version, client_nonce, server_nonce)
-        if engine_proof != expected:
+        if not hmac.compare_digest(engine_proof, expected):
             raise AuthenticationError("the engine's proof is wrong: not our engine")
+        self._sealer = Sealer(keys.terminal_to_engine)
 
     # --- requests -----------------------------------------------------------------
 
@@ -171,6 +185,13 @@ class TerminalClient:
         self._writer.write(data)
         await self._writer.drain()
 
+    def seal(self, frame: bytes) -> bytes:
+        """Seal a frame as the next one this session sends (for protocol tests,
+        with ``send_raw``); the frame must then be sent before any other."""
+        if self._sealer is None:
+            raise RuntimeError("the session is not open")
+        return self._sealer.seal(frame)
+
     async def _result(self, encode: object) -> TapResult:
         msg_type, body = await self._request(encode)
         if msg_type != MessageType.TAP_RESULT:
@@ -188,8 +209,10 @@ class TerminalClient:
                 raise ConnectionLost("connection closed")
             future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
             self._waiting[request_id] = future
+            frame: bytes = encode(request_id)  # type: ignore[operator]
+            sealer = self._sealer
             try:
-                self._writer.write(encode(request_id))  # type: ignore[operator]
+                self._writer.write(frame if sealer is None else sealer.seal(frame))
             except (ConnectionError, OSError, RuntimeError) as error:
                 # RuntimeError: uvloop's transport when it was closed under us.
                 self._waiting.pop(request_id, None)
@@ -206,6 +229,13 @@ class TerminalClient:
                 if not data:
                     break
                 for msg_type, request_id, body in self._frames.feed(data):
+                    if self._receiving_sealed:
+                        assert self._opener is not None
+                        body = self._opener.open(msg_type, request_id, body)
+                    elif msg_type == MessageType.AUTH_OK:
+                        if self._opener is None:
+                            raise fastpath.ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "AUTH_OK before AUTH")
+                        self._receiving_sealed = True  # every frame after it is sealed
                     if msg_type == MessageType.ERROR:
                         code, text = fastpath.decode_error(body)
                         failure = EngineError(code, text)
@@ -221,6 +251,10 @@ class TerminalClient:
                     break
         except (ConnectionError, OSError) as error:
             failure = ConnectionLost(f"connection lost: {error}")
+        except fastpath.ProtocolError as error:
+            # A frame that fails its seal: nothing more from this engine is trusted.
+            failure = error
+            self._writer.close()
         except asyncio.CancelledError:
             failure = ConnectionLost("client closed")
         self._failure = failure

@@ -57,6 +57,7 @@ class ResultCode(enum.IntEnum):
     CLONE_SUSPECTED = 26  # the card's transaction counter went backwards or repeated
     ALREADY_VALIDATED = 27  # anti-passback: this card passed this gate service moments ago
     MINIMUM_BALANCE = 28  # the service asks for a minimum balance to enter
+    NOT_REVERSIBLE = 29  # the original cannot be undone: a stay's exit, or an entry whose stay has ended
 
     # Not decisions about the card.
     BUSY_RETRY = 64  # not decided: retry later with the SAME sequence number
@@ -88,6 +89,15 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 14  # a bug in the engine; the incident is logged
     BAD_FIELD = 15  # a field holds a value the protocol forbids
     TOO_MANY_CONNECTIONS = 16  # the engine is at its connection limit; reconnect later
+    BAD_TAG = 17  # a sealed frame's tag does not verify: altered, forged or reflected
+    BAD_COUNTER = 18  # a sealed frame's counter is not the previous one plus 1: replayed, reordered or lost
+
+
+class FrameFlag(enum.IntFlag):
+    """Bits of a frame header's ``flags`` field."""
+
+    NONE = 0
+    SEALED = 0x0001  # a counter and a tag follow the body; set on every frame after the handshake
 
 
 class CardStatus(enum.IntEnum):

@@ -3,8 +3,9 @@
 The database never holds a terminal key. Each key is
 ``HMAC-SHA256(master, "citycard/v1/terminal-key" || terminal_id || key_version)``,
 so the engine can recompute any terminal's key from its id and the key
-version stored in ``terminals.key_version``; rotating a key is incrementing
-that version and provisioning the new key into the terminal.
+version stored in ``terminals.key_version``; rotating a key is moving to the
+next version and provisioning its key into the terminal, without downtime
+(``citycard terminal rotate-key``, ``engine/key_rotation.py``).
 
 Card-office operators authenticate to the admin interface with a token
 derived the same way under another label,

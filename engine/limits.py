@@ -33,6 +33,13 @@ NONCE_BYTES = 16
 # HMAC-SHA256 output.
 PROOF_BYTES = 32
 
+# Sealed frames (after the handshake): a u64 counter, never repeated in a
+# session, and HMAC-SHA256 truncated to 128 bits, which leaves a forger one
+# chance in 2**128 per try, and every failed try costs it the connection.
+SEAL_COUNTER_BYTES = 8
+SEAL_TAG_BYTES = 16
+SEAL_TRAILER_BYTES = SEAL_COUNTER_BYTES + SEAL_TAG_BYTES
+
 # --- Connections ------------------------------------------------------------
 
 # Gijón has a few hundred terminals; 10,000 covers a region with headroom while
@@ -101,6 +108,15 @@ BALANCE_MAX_CENTS = 100_000
 # time: long enough for a driver to cancel a wrong validation, short enough
 # that a reversal cannot be used to refund a finished journey.
 REVERSAL_WINDOW_S = 600
+
+# The card office may refund a tap within this many seconds of its record
+# time (30 days): long enough for a citizen's complaint to reach the desk,
+# short enough that the tap is still in the month's reports being checked.
+OFFICE_REFUND_WINDOW_S = 30 * 86_400
+
+# A season pass may be sold to start up to this many days ahead (next
+# month's pass bought this month), never in the past.
+PASS_START_AHEAD_MAX_DAYS = 31
 
 # --- Database -------------------------------------------------------------------
 

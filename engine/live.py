@@ -13,12 +13,14 @@ Channels and payloads:
   table (which the same transaction rewrote) and the version's document.
 - ``citycard_eligibility``: an ``eligibility_imports.id``. The engine
   re-reads the cards of every holder that import touched.
+- ``citycard_terminal_keys``: a terminal id. The engine re-reads that
+  terminal's key versions (a key rotation started, ``engine/key_rotation.py``).
 
 A notice lost while the listening connection was down (or sent before it
 first listened) is not lost for good: on every connect the engine reloads
-the newest rules version and applies every eligibility import newer than the
+the newest rules version, applies every eligibility import newer than the
 last one it holds (imports are numbered; the engine reads the newest number
-before it loads the city).
+before it loads the city) and re-reads every terminal's key versions.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from array import array
 import asyncpg
 import msgspec
 
+from engine.key_rotation import TERMINAL_KEYS_CHANNEL, KeyRotation
 from engine.limits import DB_COMMAND_TIMEOUT_S
 from engine.policy import CompiledPolicy, compile_policy
 from engine.rules import Rules, RulesError
@@ -83,7 +86,7 @@ async def apply_current_rules(conn: asyncpg.Connection, state: CityState) -> int
             rules = msgspec.json.decode(row["document"], type=Rules)
         except msgspec.ValidationError as error:
             raise RulesError(f"rules version {version} as stored does not parse: {error}") from None
-        policy = compile_policy(rules, service_ids)
+        policy = compile_policy(rules, service_ids, state.group_id)
     state.fares = fares
     policy.install(state)
     state.rules_version = version
@@ -115,9 +118,12 @@ class LiveChanges:
     rules versions cannot interleave.
     """
 
-    def __init__(self, dsn: str, state: CityState, *, last_import_id: int = 0) -> None:
+    def __init__(
+        self, dsn: str, state: CityState, *, last_import_id: int = 0, key_rotation: KeyRotation | None = None
+    ) -> None:
         self._dsn = dsn
         self._state = state
+        self._key_rotation = key_rotation
         # The newest eligibility import the city holds: read before the city
         # was loaded, so an import committed meanwhile is applied, not missed.
         self._last_import_id = last_import_id
@@ -149,6 +155,8 @@ class LiveChanges:
                 # or while the connection was down) are gone: catch up from
                 # the record. Applying a change twice is harmless.
                 await apply_current_rules(conn, self._state)
+                if self._key_rotation is not None:
+                    await self._key_rotation.load(conn, self._state)
                 caught_up = await self._catch_up_imports(conn)
                 if not first or caught_up:
                     log.info("live changes: caught up with %d eligibility imports", caught_up)
@@ -174,7 +182,7 @@ class LiveChanges:
         conn = self._conn = await asyncpg.connect(
             self._dsn, timeout=DB_COMMAND_TIMEOUT_S, server_settings={"application_name": "citycard-live"}
         )
-        for channel in (RULES_CHANNEL, ELIGIBILITY_CHANNEL):
+        for channel in (RULES_CHANNEL, ELIGIBILITY_CHANNEL, TERMINAL_KEYS_CHANNEL):
             await conn.add_listener(channel, self._notified)
         # A lost connection wakes the loop at once (not at its next poll), so
         # the catch-up after reconnecting comes within moments.
@@ -200,6 +208,17 @@ class LiveChanges:
             cards = await apply_eligibility_import(conn, self._state, import_id)
             self._last_import_id = max(self._last_import_id, import_id)
             log.info("eligibility import %d applied to %d cards", import_id, cards)
+        elif channel == TERMINAL_KEYS_CHANNEL and self._key_rotation is not None:
+            try:
+                terminal_id = int(payload)
+            except ValueError:
+                log.warning("terminal key notice with a bad payload %r: ignored", payload)
+                return
+            await self._key_rotation.load(conn, self._state, terminal_id)
+            log.info(
+                "terminal key versions read",
+                extra={"terminal_id": terminal_id, "next_key_version": self._key_rotation.pending.get(terminal_id)},
+            )
         self.applied += 1
 
     async def _catch_up_imports(self, conn: asyncpg.Connection) -> int:

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from engine import __version__, fastpath
 from engine.codes import ErrorCode, OperationKind, ResultCode, TapInfo
 from engine.decision import Decision
+from engine.seal import REJECTED_REASONS
 
 if TYPE_CHECKING:
     from engine.health import EngineHealth
@@ -185,6 +186,15 @@ class EngineCollector(Collector):
         for code, name in _ERROR_NAMES.items():
             errors.add_metric([name], seen.get(code, 0))
         yield errors
+        rejected = CounterMetricFamily(
+            "citycard_frames_rejected",
+            "Frames of open sessions refused by their seal (each closes its connection), by reason.",
+            labels=["reason"],
+        )
+        refused = dict(counters.frames_rejected)
+        for reason in REJECTED_REASONS:
+            rejected.add_metric([reason], refused.get(reason, 0))
+        yield rejected
 
     def _database(self) -> Iterator[Metric]:
         pool = self._sources.pool()

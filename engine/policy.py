@@ -7,14 +7,14 @@ id instead: one ``array('q')`` policy row per service (the POLICY_* fields of
 them is done once per version, off the tap path; installing them is a few
 assignments with no await in between, so no tap sees half of a version.
 
-    policy = compile_policy(rules, service_ids={"bus": 0, ...})
+    policy = compile_policy(rules, service_ids={"bus": 0, ...}, group_id=state.group_id)
     policy.install(state)
 """
 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from engine import fastpath
@@ -55,13 +55,20 @@ class CompiledPolicy:
         state.renewal_window_days = self.renewal_window_days
 
 
-def compile_policy(rules: Rules, service_ids: Mapping[str, int]) -> CompiledPolicy:
-    """The fast path's view of ``rules``; ``service_ids`` maps codes to ids.
+def compile_policy(
+    rules: Rules, service_ids: Mapping[str, int], group_id: Callable[[str], int] | None = None
+) -> CompiledPolicy:
+    """The fast path's view of ``rules``; ``service_ids`` maps codes to ids,
+    ``group_id`` service group codes to the numbers products hold
+    (``CityState.group_id``; by default, numbers in order of appearance).
 
     Raises RulesError when the version needs more cap groups than the engine
     keeps per card (fastpath.CAP_GROUPS_MAX).
     """
     compiled = CompiledPolicy()
+    if group_id is None:
+        numbers: dict[str, int] = {}
+        group_id = lambda code: numbers.setdefault(code, len(numbers))  # noqa: E731
     for number, cap in enumerate(rules.caps):
         if number >= fastpath.CAP_GROUPS_MAX:
             raise RulesError(f"at most {fastpath.CAP_GROUPS_MAX} capped groups, the rules have {len(rules.caps)}")
@@ -85,6 +92,9 @@ def compile_policy(rules: Rules, service_ids: Mapping[str, int]) -> CompiledPoli
         row[fastpath.POLICY_TRANSFER] = 1 if service.code in transfer_services else 0
         row[fastpath.POLICY_CAP_GROUP] = compiled.cap_groups.get(service.group or service.code, fastpath.NO_CAP)
         row[fastpath.POLICY_MAX_CHARGE] = service.max_charge_cents or 0
+        # Every service names its group, sold products or not: a pass sold
+        # under an earlier version keeps paying while it is valid.
+        row[fastpath.POLICY_GROUP] = group_id(service.group or service.code)
         compiled.service_policy[service_id] = row
     compiled.show_id_permille = rules.concessions.show_id_permille
     compiled.renewal_window_days = rules.concessions.renewal_window_days

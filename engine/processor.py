@@ -30,9 +30,15 @@ import orjson
 
 from engine.codes import CardStatus, OperationKind, ResultCode
 from engine.decision import Decision, ReplyTarget, request_fingerprint
-from engine.fastpath import CAP_GROUPS_MAX, NO_CAP
+from engine.fastpath import CAP_DAY_TOTAL, CAP_GROUPS_MAX, CAP_MONTH_TOTAL, NO_CAP, NO_PRODUCT
 from engine.ladder import TAP_FLAG_EXIT, TAP_FLAGS_KNOWN, Original, decide_reversal, decide_tap, decide_topup
-from engine.limits import DB_COMMAND_TIMEOUT_S, LOOKUPS_MAX, RECENT_RESULTS_PER_TERMINAL, REVERSAL_WINDOW_S
+from engine.limits import (
+    DB_COMMAND_TIMEOUT_S,
+    LOOKUPS_MAX,
+    OFFICE_REFUND_WINDOW_S,
+    RECENT_RESULTS_PER_TERMINAL,
+    REVERSAL_WINDOW_S,
+)
 from engine.state import CityState, InvariantError, Terminal, now_ms
 from engine.writer import BatchWriter
 
@@ -69,14 +75,17 @@ _LOOKUP_SQL = (
     "SELECT kind, card_uid, card_counter, tap_flags, requested_cents, original_seq,"
     " (extract(epoch FROM event_time) * 1000)::int8 AS event_ms,"
     " (extract(epoch FROM recorded_at) * 1000)::int8 AS recorded_ms,"
-    " result, amount_cents, balance_cents, info, service_id, account_id"
+    " result, amount_cents, balance_cents, info, service_id, account_id, product_id,"
+    " original_terminal_id"
     " FROM taps WHERE terminal_id = $1 AND terminal_seq = $2"
 )
+# Whichever terminal asked for it (schema: taps_one_reversal).
 _REVERSED_SQL = (
-    "SELECT EXISTS (SELECT 1 FROM taps WHERE terminal_id = $1 AND original_seq = $2 AND kind = 2 AND result = 0)"
+    "SELECT EXISTS (SELECT 1 FROM taps WHERE coalesce(original_terminal_id, terminal_id) = $1"
+    " AND original_seq = $2 AND kind = 2 AND result = 0)"
 )
 
-Fingerprint = tuple[int, int, int, int, int, int, int | None]
+Fingerprint = tuple[int, int, int, int, int, int, int | None, int]
 ResultCounter = Callable[[Decision], None]
 
 
@@ -98,6 +107,7 @@ class Processor:
         self.on_result: ResultCounter | None = None
         self.on_immediate: Callable[[int], None] | None = None
         self.reversal_window_ms = REVERSAL_WINDOW_S * 1000
+        self.office_refund_window_ms = OFFICE_REFUND_WINDOW_S * 1000
         # How card uids appear in logs (engine.logs.CardPseudonyms); the
         # server sets it from the master key.
         self.card_ref: Callable[[int], str] = lambda uid: "card:?"
@@ -126,8 +136,14 @@ class Processor:
         requested: int,
         original_seq: int | None,
         event_time_ms: int,
+        original_terminal: int | None = None,
     ) -> None:
-        """Take one request; its answer goes to ``target.deliver_result``."""
+        """Take one request; its answer goes to ``target.deliver_result``.
+
+        A REVERSAL names a request of the same terminal, or of
+        ``original_terminal`` (card-office refunds, which have a longer
+        window: OFFICE_REFUND_WINDOW_S).
+        """
         if (
             terminal_seq > INT64_MAX
             or card_uid > INT64_MAX
@@ -138,8 +154,17 @@ class Processor:
             self._answer_now(target, request_id, terminal_seq, ResultCode.PROTOCOL_ERROR)
             return
         key = (terminal.id, terminal_seq)
+        if kind == _REVERSAL and original_terminal is None:
+            original_terminal = terminal.id
         fingerprint = request_fingerprint(
-            kind, card_uid if kind != _REVERSAL else 0, card_counter, tap_flags, requested, event_time_ms, original_seq
+            kind,
+            card_uid if kind != _REVERSAL else 0,
+            card_counter,
+            tap_flags,
+            requested,
+            event_time_ms,
+            original_seq,
+            original_terminal if original_terminal is not None else -1,
         )
         pending = self._pending.get(key)
         if pending is not None:
@@ -171,6 +196,8 @@ class Processor:
             now_ms(),
             terminal.service_id,
         )
+        if original_terminal is not None:
+            decision.original_terminal = original_terminal
         if terminal_seq <= terminal.high_seq or kind == _REVERSAL:
             # Slow path: the record may already hold this sequence (a retry
             # after a restart, or an old one), or the decision needs it.
@@ -208,14 +235,14 @@ class Processor:
             recorded = await self._read_record(terminal.id, decision.terminal_seq)
             original: Original | None = None
             already_reversed = False
-            original_key = (terminal.id, decision.original_seq or 0)
+            original_key = (decision.original_terminal, decision.original_seq or 0)
             if recorded is None and decision.kind == _REVERSAL:
                 if original_key in self._pending or original_key in self._reversing:
                     # The original or another reversal of it is not durable
                     # yet: its outcome decides ours.
                     self._finish_lookup(key, None, ResultCode.BUSY_RETRY)
                     return
-                original, already_reversed = await self._read_original(terminal.id, original_key[1])
+                original, already_reversed = await self._read_original(*original_key)
         except Exception as error:  # noqa: BLE001 - the database is unavailable in some way
             log.warning("record look-up for terminal %d seq %d failed: %r", terminal.id, decision.terminal_seq, error)
             self._finish_lookup(key, None, ResultCode.BUSY_RETRY)
@@ -237,7 +264,8 @@ class Processor:
         elif decision.kind == _TOPUP:
             decide_topup(self.state, terminal, decision)
         else:
-            decide_reversal(self.state, terminal, decision, original, already_reversed, self.reversal_window_ms)
+            window_ms = self.reversal_window_ms if original_key[0] == terminal.id else self.office_refund_window_ms
+            decide_reversal(self.state, terminal, decision, original, already_reversed, window_ms)
             if decision.result == ResultCode.APPROVED:
                 self._reversing.add(original_key)
         terminal.high_seq = max(terminal.high_seq, decision.terminal_seq)
@@ -299,6 +327,10 @@ class Processor:
             row["recorded_ms"],
             row["service_id"],
         )
+        if row["original_terminal_id"] is not None:
+            decision.original_terminal = row["original_terminal_id"]
+        if row["product_id"] is not None:
+            decision.product_id = row["product_id"]
         decision.result = row["result"]
         decision.amount = row["amount_cents"]
         decision.balance = row["balance_cents"]
@@ -313,7 +345,15 @@ class Processor:
         if row is None or row["result"] != ResultCode.APPROVED or row["account_id"] is None:
             return None, False
         original = Original(
-            row["kind"], row["card_uid"], row["amount_cents"], row["account_id"], row["recorded_ms"], row["service_id"]
+            row["kind"],
+            row["card_uid"],
+            row["amount_cents"],
+            row["account_id"],
+            row["recorded_ms"],
+            row["service_id"],
+            row["tap_flags"],
+            row["info"],
+            row["product_id"] if row["product_id"] is not None else NO_PRODUCT,
         )
         reversed_ = await self._pool().fetchval(_REVERSED_SQL, terminal_id, original_seq)
         return original, bool(reversed_)
@@ -366,7 +406,7 @@ class Processor:
         for d in batch:
             pending.pop((d.terminal_id, d.terminal_seq), None)
             if d.kind == _REVERSAL and d.result == ResultCode.APPROVED:
-                self._reversing.discard((d.terminal_id, d.original_seq or 0))
+                self._reversing.discard((d.original_terminal, d.original_seq or 0))
             amount = d.amount if d.result == ResultCode.APPROVED else 0
             card = d.card_account
             if amount:
@@ -404,6 +444,8 @@ class Processor:
             else:
                 if d.kind == _TAP:
                     self._forget_tap(d)
+                elif d.kind == _REVERSAL:
+                    self._forget_reversal(d)
                 for target, request_id in d.waiters:
                     target.deliver_result(request_id, d.terminal_seq, ResultCode.BUSY_RETRY, 0, 0, 0)
                     dirty.add(target)
@@ -435,6 +477,38 @@ class Processor:
             spent = activity.cap_spent
             spent[d.cap_group] -= d.amount
             spent[CAP_GROUPS_MAX + d.cap_group] -= d.amount
+        if d.result == ResultCode.APPROVED and activity.last_ms == d.recorded_ms:
+            # The passage was not recorded: its retry must not meet it as
+            # anti-passback, nor as the other end of a shared card. The one
+            # before is not kept, so it is forgotten too (in the holder's favour).
+            activity.last_ms, activity.last_terminal, activity.last_service = -1, -1, -1
+            if activity.transfer_ms == d.recorded_ms:
+                activity.transfer_ms = -1  # the journey it started did not start
+        self._forget_rides(d)
+
+    def _forget_reversal(self, d: Decision) -> None:
+        """Undo what a reversal whose batch failed changed in memory: the
+        ride it gave back, the stay it closed, the cap totals it lowered."""
+        if d.result != ResultCode.APPROVED:
+            return
+        self._forget_rides(d)
+        state = self.state
+        card = state.card_position.get(d.card_uid)
+        activity = state.activity.get(card) if card is not None else None
+        if activity is None:
+            return
+        if d.stay_ms >= 0 and activity.stay_service == -1:
+            activity.stay_service, activity.stay_ms, activity.stay_charged = d.service_id, d.stay_ms, d.stay_charged
+        if d.cap_given_back & CAP_DAY_TOTAL:
+            activity.cap_spent[d.cap_group] += d.amount
+        if d.cap_given_back & CAP_MONTH_TOTAL:
+            activity.cap_spent[CAP_GROUPS_MAX + d.cap_group] += d.amount
+
+    def _forget_rides(self, d: Decision) -> None:
+        if d.product_rides and d.result == ResultCode.APPROVED:
+            product = self.state.product_by_id.get(d.product_id)
+            if product is not None:
+                product.rides_used -= d.product_rides
 
     async def _record_clone_block(self, d: Decision) -> None:
         """Write down the block a suspected clone got in memory."""

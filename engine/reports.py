@@ -21,6 +21,9 @@ The reconciliation proves the books from the database alone:
    This catches what the first two checks cannot: a fare booked to the
    wrong card or the wrong service's revenue, money booked with no tap
    record, a tap record with no booking, all with every transfer balanced.
+4. every multi-ride ticket's rides used equal the approved taps it paid
+   minus the approved reversals that gave a ride back, and stay within the
+   rides bought.
 
 Example::
 
@@ -109,8 +112,20 @@ class ServiceLine(DailyFigures, frozen=True, kw_only=True):
     service: str
 
 
+class ProductSales(msgspec.Struct, frozen=True, kw_only=True):
+    """Passes or tickets of one product sold at the card office in the day,
+    and the taps they paid (``uses``, also counted in the service lines)."""
+
+    product: str
+    kind: str
+    sold: int
+    price_cents: int
+    uses: int
+
+
 class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
-    """Taps recorded in ``[starts_at, ends_at)``, which is ``day`` in UTC."""
+    """Taps recorded in ``[starts_at, ends_at)``, which is ``day`` in UTC,
+    and the products sold then (paid at the desk: not in the fares)."""
 
     day: datetime.date
     time_zone: str
@@ -119,6 +134,7 @@ class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
     lines: list[ProfileLine]
     services: list[ServiceLine]
     total: DailyFigures
+    products: list[ProductSales] = msgspec.field(default_factory=list)
 
 
 # One row per (service, profile, result): the decline reasons are spread over
@@ -135,10 +151,12 @@ WITH day AS MATERIALIZED (
     SELECT t.service_id, t.kind, t.result, t.amount_cents, t.card_uid, t.fare_profile,
            (t.info & 128) <> 0 AS refunded,
            CASE WHEN t.kind = 2 THEN (
-               SELECT o.kind FROM taps o WHERE o.terminal_id = t.terminal_id AND o.terminal_seq = t.original_seq
+               SELECT o.kind FROM taps o
+               WHERE o.terminal_id = coalesce(t.original_terminal_id, t.terminal_id) AND o.terminal_seq = t.original_seq
            ) END AS original_kind,
            CASE WHEN t.kind = 2 THEN (
-               SELECT o.fare_profile FROM taps o WHERE o.terminal_id = t.terminal_id AND o.terminal_seq = t.original_seq
+               SELECT o.fare_profile FROM taps o
+               WHERE o.terminal_id = coalesce(t.original_terminal_id, t.terminal_id) AND o.terminal_seq = t.original_seq
            ) END AS original_profile
     FROM taps t
     WHERE t.recorded_at >= $1 AND t.recorded_at < $2
@@ -166,6 +184,24 @@ LEFT JOIN services s ON s.id = d.service_id
 LEFT JOIN profiles p ON p.id = coalesce(d.fare_profile, d.original_profile, h.profile_id)
 GROUP BY d.service_id, s.code, coalesce(d.fare_profile, d.original_profile, h.profile_id), p.code, d.result
 """
+
+# Products sold in the day, and the day's taps each product paid.
+_PRODUCTS_SQL = """
+WITH sold AS (
+    SELECT product_code, kind, count(*) AS sold, sum(price_cents)::int8 AS price_cents
+    FROM card_products WHERE sold_at >= $1 AND sold_at < $2 GROUP BY product_code, kind
+), used AS (
+    SELECT p.product_code, p.kind, count(*) AS uses
+    FROM taps t JOIN card_products p ON p.id = t.product_id
+    WHERE t.recorded_at >= $1 AND t.recorded_at < $2 AND t.kind = 0 AND t.result = 0
+    GROUP BY p.product_code, p.kind
+)
+SELECT coalesce(s.product_code, u.product_code) AS product, coalesce(s.kind, u.kind) AS kind,
+       coalesce(s.sold, 0) AS sold, coalesce(s.price_cents, 0)::int8 AS price_cents, coalesce(u.uses, 0) AS uses
+FROM sold s FULL JOIN used u ON u.product_code = s.product_code AND u.kind = s.kind
+ORDER BY 1, 2
+"""
+_PRODUCT_KIND_NAMES = {0: "season", 1: "multi_ride"}
 
 _FIGURE_COLUMNS = ("uses", "fare_cents", "refund_cents", "topups", "topup_cents", "topup_reversed_cents")
 
@@ -232,6 +268,7 @@ async def daily_report(conn: asyncpg.Connection, day: datetime.date) -> DailyRep
     """
     starts_at, ends_at = day_bounds(day)
     rows = await conn.fetch(_DAILY_SQL, starts_at, ends_at, timeout=REPORT_TIMEOUT_S)
+    products = await conn.fetch(_PRODUCTS_SQL, starts_at, ends_at, timeout=REPORT_TIMEOUT_S)
     by_line: dict[tuple[int, int], tuple[str, str, _Tally]] = {}
     by_service: dict[int, tuple[str, _Tally]] = {}
     total = _Tally()
@@ -260,6 +297,16 @@ async def daily_report(conn: asyncpg.Connection, day: datetime.date) -> DailyRep
             ServiceLine(service=service, **tally.figures()) for _, (service, tally) in sorted(by_service.items())
         ],
         total=DailyFigures(**total.figures()),
+        products=[
+            ProductSales(
+                product=row["product"],
+                kind=_PRODUCT_KIND_NAMES.get(row["kind"], str(row["kind"])),
+                sold=int(row["sold"]),
+                price_cents=int(row["price_cents"]),
+                uses=int(row["uses"]),
+            )
+            for row in products
+        ],
     )
 
 
@@ -304,6 +351,15 @@ class BatchDifference(msgspec.Struct, frozen=True, kw_only=True):
     difference_cents: int
 
 
+class TicketDifference(msgspec.Struct, frozen=True):
+    """A multi-ride ticket whose rides used do not match the taps it paid."""
+
+    product_id: int
+    rides: int
+    rides_used: int
+    rides_recorded: int
+
+
 class ReconcileResult(msgspec.Struct, frozen=True, kw_only=True):
     """Each check's first differences (``RECONCILE_DIFFERENCES_MAX``) and their count."""
 
@@ -316,10 +372,22 @@ class ReconcileResult(msgspec.Struct, frozen=True, kw_only=True):
     transfer_differences_total: int
     batch_differences: list[BatchDifference]
     batch_differences_total: int
+    tickets_checked: int = 0
+    ticket_differences: list[TicketDifference] = msgspec.field(default_factory=list)
+    ticket_differences_total: int = 0
+
+    @property
+    def differences_total(self) -> int:
+        return (
+            self.account_differences_total
+            + self.transfer_differences_total
+            + self.batch_differences_total
+            + self.ticket_differences_total
+        )
 
     @property
     def ok(self) -> bool:
-        return not (self.account_differences_total or self.transfer_differences_total or self.batch_differences_total)
+        return self.differences_total == 0
 
 
 # One pass over the ledger grouped by account, joined in full to the accounts:
@@ -359,7 +427,8 @@ WITH moved AS MATERIALIZED (
     SELECT t.batch_id, t.kind, t.service_id, t.account_id, t.amount_cents,
            (t.info & 128) <> 0 AS refunded,
            CASE WHEN t.kind = 2 THEN (
-               SELECT o.kind FROM taps o WHERE o.terminal_id = t.terminal_id AND o.terminal_seq = t.original_seq
+               SELECT o.kind FROM taps o
+               WHERE o.terminal_id = coalesce(t.original_terminal_id, t.terminal_id) AND o.terminal_seq = t.original_seq
            ) END AS original_kind
     FROM taps t
     WHERE t.result = 0 AND t.amount_cents <> 0
@@ -434,10 +503,27 @@ ORDER BY batch_id, movement, ledger_kind, service_id, account_id
 LIMIT $1
 """
 
+# Rides recorded per ticket: approved taps it paid, minus approved reversals
+# that name it (a reversal of a ticket ride carries the ticket's id).
+_TICKETS_SQL = """
+WITH recorded AS (
+    SELECT product_id, sum(CASE WHEN kind = 0 THEN 1 ELSE -1 END)::int8 AS rides
+    FROM taps WHERE product_id IS NOT NULL AND result = 0 AND kind IN (0, 2)
+    GROUP BY product_id
+)
+SELECT p.id, p.rides, p.rides_used, coalesce(r.rides, 0)::int8 AS rides_recorded, count(*) OVER () AS total
+FROM card_products p
+LEFT JOIN recorded r ON r.product_id = p.id
+WHERE p.kind = 1 AND (p.rides_used <> coalesce(r.rides, 0) OR p.rides_used > p.rides)
+ORDER BY p.id
+LIMIT $1
+"""
+
 _COUNTS_SQL = """
 SELECT (SELECT count(*) FROM accounts) AS accounts,
        (SELECT count(*) FROM ledger_transfers) AS transfers,
-       (SELECT count(*) FROM batches) AS batches
+       (SELECT count(*) FROM batches) AS batches,
+       (SELECT count(*) FROM card_products WHERE kind = 1) AS tickets
 """
 
 
@@ -459,6 +545,7 @@ async def reconcile(conn: asyncpg.Connection) -> ReconcileResult:
         accounts = await conn.fetch(_ACCOUNTS_SQL, limit, timeout=RECONCILE_TIMEOUT_S)
         transfers = await conn.fetch(_TRANSFERS_SQL, limit, timeout=RECONCILE_TIMEOUT_S)
         batches = await conn.fetch(_BATCHES_SQL, limit, timeout=RECONCILE_TIMEOUT_S)
+        tickets = await conn.fetch(_TICKETS_SQL, limit, timeout=RECONCILE_TIMEOUT_S)
     return ReconcileResult(
         accounts_checked=int(counts["accounts"]),
         transfers_checked=int(counts["transfers"]),
@@ -491,6 +578,12 @@ async def reconcile(conn: asyncpg.Connection) -> ReconcileResult:
             for row in batches
         ],
         batch_differences_total=_total(batches),
+        tickets_checked=int(counts["tickets"]),
+        ticket_differences=[
+            TicketDifference(int(row["id"]), int(row["rides"]), int(row["rides_used"]), int(row["rides_recorded"]))
+            for row in tickets
+        ],
+        ticket_differences_total=_total(tickets),
     )
 
 

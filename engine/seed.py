@@ -120,6 +120,16 @@ ELIGIBILITY_REMAINING_DAYS_MAX = 4 * 365
 # (uids, balances, statuses) do not depend on the eligibility policy.
 _ELIGIBILITY_SEED_SALT = "eligibility"
 
+# Share of the active holders entitled to a product who hold one, per
+# product of the rules (a monthly bus pass, a ten-swim ticket): a few in a
+# hundred, so that load runs meet passes and tickets as a city's taps do.
+# Season passes are current (started up to a period ago, counted from the
+# day the city is seeded); tickets are unused, as their rides are counted
+# from the taps that use them.
+PRODUCT_HOLDER_SHARE = 0.04
+_PRODUCTS_SEED_SALT = "products"
+PRODUCTS_SOLD_BY = "seed"
+
 
 @dataclass(frozen=True, slots=True)
 class Profile:
@@ -220,6 +230,7 @@ class SeedSummary:
     eligibility: int  # concession holders, each with one eligibility period
     renewal_due: int  # of those, periods ending within the renewal window
     rules_version: int
+    products: int = 0  # passes and tickets held (card_products)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +321,10 @@ def traffic_weights() -> dict[int, int]:
 # --- generation ---------------------------------------------------------------------
 
 
+# A card_products row as seed_city copies it (columns in _write).
+_ProductRow = tuple[int, str, int, str, int, datetime.date | None, datetime.date | None, int | None, int, str, int]
+
+
 @dataclass(frozen=True, slots=True)
 class _City:
     holders: list[tuple[int, int, datetime.date]]
@@ -319,6 +334,7 @@ class _City:
     terminals: list[tuple[int, int, int, str, int | None, float | None, float | None]]
     eligibility: list[tuple[int, int, str, datetime.date, datetime.date]]
     summary: SeedSummary
+    products: list[_ProductRow]
 
 
 def _generate(cards: int, seed: int, rules: Rules) -> _City:
@@ -367,6 +383,7 @@ def _generate(cards: int, seed: int, rules: Rules) -> _City:
         entries.append((OPENING_TRANSFER_ID, FUNDING_ACCOUNT_ID, -total))
 
     eligibility = _eligibility(holders, seed, rules)
+    products = _products(holders, card_rows, seed, rules)
     renewal_window_end = REFERENCE_DATE + datetime.timedelta(days=rules.concessions.renewal_window_days)
     terminals = _terminals()
     summary = SeedSummary(
@@ -384,8 +401,49 @@ def _generate(cards: int, seed: int, rules: Rules) -> _City:
         eligibility=len(eligibility),
         renewal_due=sum(1 for row in eligibility if row[4] <= renewal_window_end),
         rules_version=rules.version,
+        products=len(products),
     )
-    return _City(holders, accounts, card_rows, entries, terminals, eligibility, summary)
+    return _City(holders, accounts, card_rows, entries, terminals, eligibility, summary, products)
+
+
+def _products(
+    holders: list[tuple[int, int, datetime.date]], card_rows: list[tuple[int, int, int, int]], seed: int, rules: Rules
+) -> list[_ProductRow]:
+    """card_products rows (account_id, product_code, kind, group_code,
+    rules_version, valid_from, valid_until, rides, price_cents, sold_by,
+    sold_to_card) for PRODUCT_HOLDER_SHARE of the entitled active holders."""
+    rng = random.Random(f"{seed}:{_PRODUCTS_SEED_SALT}")
+    today = datetime.datetime.now(datetime.UTC).date()
+    code_of = {profile.id: profile.code for profile in PROFILES}
+    rows: list[_ProductRow] = []
+    for product in rules.products:
+        for (_, profile_id, _birth), (uid, _, account_id, status) in zip(holders, card_rows, strict=True):
+            if rng.random() >= PRODUCT_HOLDER_SHARE or status != CardStatus.ACTIVE:
+                continue
+            if product.profiles is not None and code_of[profile_id] not in product.profiles:
+                continue
+            valid_from = valid_until = None
+            if product.kind == "season":
+                days = product.days or 1
+                valid_from = today - datetime.timedelta(days=rng.randrange(days))
+                valid_until = valid_from + datetime.timedelta(days=days - 1)
+            kind = 0 if product.kind == "season" else 1
+            rows.append(
+                (
+                    account_id,
+                    product.code,
+                    kind,
+                    product.group,
+                    rules.version,
+                    valid_from,
+                    valid_until,
+                    product.rides,
+                    product.price_cents,
+                    PRODUCTS_SOLD_BY,
+                    uid,
+                )
+            )
+    return rows
 
 
 def _eligibility(
@@ -511,6 +569,24 @@ async def _write(conn: asyncpg.Connection, city: _City, rules: Rules) -> None:
         records=city.cards,
         columns=("uid", "holder_id", "account_id", "status"),
         timeout=_bulk_timeout(len(city.cards)),
+    )
+    await conn.copy_records_to_table(
+        "card_products",
+        records=city.products,
+        columns=(
+            "account_id",
+            "product_code",
+            "kind",
+            "group_code",
+            "rules_version",
+            "valid_from",
+            "valid_until",
+            "rides",
+            "price_cents",
+            "sold_by",
+            "sold_to_card",
+        ),
+        timeout=_bulk_timeout(len(city.products)),
     )
     if city.entries:
         await conn.execute(

@@ -14,6 +14,7 @@ import errno
 import gc
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import asyncpg
@@ -24,6 +25,7 @@ from engine.admin import AdminServer
 from engine.db import create_pool
 from engine.fd_limit import ensure_descriptors
 from engine.health import DatabaseProbe, EngineHealth
+from engine.key_rotation import KeyRotation
 from engine.keys import load_master_key
 from engine.limits import (
     BATCH_TAPS_MAX,
@@ -41,6 +43,7 @@ from engine.migrate import migrate
 from engine.processor import Processor
 from engine.session import SessionContext, SessionLimits, TerminalSession
 from engine.state import CityState, load_state, now_ms
+from engine.tls import TlsConfigError, server_context
 from engine.writer import AnotherWriter, BatchWriter, connect_writer, next_batch_id
 
 log = logging.getLogger("citycard.server")
@@ -64,6 +67,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # The card office's HTTP interface (engine/admin.py); None: not served.
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
+    # TLS on the terminal listener (PEM files); both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     batch_taps_max: int = BATCH_TAPS_MAX
     writer_queue_max: int = WRITER_QUEUE_MAX
     max_connections: int = MAX_CONNECTIONS
@@ -114,6 +120,7 @@ class Engine:
         # Service id -> code, the label values of the per-service metrics.
         self._services: dict[int, str] = {}
         self.context: SessionContext | None = None
+        self.key_rotation = KeyRotation()
         self._pool: asyncpg.Pool | None = None
         self._server: asyncio.AbstractServer | None = None
         self._writer_task: asyncio.Task[None] | None = None
@@ -129,6 +136,7 @@ class Engine:
     async def start(self) -> None:
         config = self.config
         master_key = load_master_key(Path(config.data_dir))
+        tls = self._tls_context()
         self._pool = await create_pool(config.dsn)
         async with self._pool.acquire() as conn:
             if config.migrate:
@@ -144,6 +152,7 @@ class Engine:
             # applied by the live listener rather than missed.
             last_import_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM eligibility_imports")
             state = await load_state(conn)
+            await self.key_rotation.load(conn, state)
             await apply_current_rules(conn, state)
             await rebuild_activity(conn, state, now_ms=now_ms())
             first_batch_id = await next_batch_id(conn)
@@ -175,7 +184,8 @@ class Engine:
         if counting:
             processor.on_result = self.metrics.count_decision
             processor.on_immediate = self.metrics.count_immediate
-        self._live = LiveChanges(config.dsn, state, last_import_id=last_import_id)
+        self.key_rotation.attach(self._pool)
+        self._live = LiveChanges(config.dsn, state, last_import_id=last_import_id, key_rotation=self.key_rotation)
         self._live.start()
         self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
         self._writer_task.add_done_callback(self._writer_ended)
@@ -189,6 +199,7 @@ class Engine:
             processor=processor,
             master_key=master_key,
             limits=limits,
+            key_rotation=self.key_rotation,
             observe_latency=self.metrics.request_latency.observe if counting else None,
         )
         self._start_health()
@@ -196,7 +207,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                lambda: TerminalSession(context), config.listen_host, config.listen_port, backlog=1024
+                lambda: TerminalSession(context), config.listen_host, config.listen_port, backlog=1024, ssl=tls
             )
         except OSError as error:
             await self._abort()
@@ -225,8 +236,25 @@ class Engine:
                 raise EngineStartError(f"cannot serve the admin interface on {where}: {error}") from None
         log.info(
             "engine started",
-            extra={"port": self.port, "cards": state.card_count(), "terminals": len(state.terminals)},
+            extra={
+                "port": self.port,
+                "tls": tls is not None,
+                "cards": state.card_count(),
+                "terminals": len(state.terminals),
+            },
         )
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context, or None; checked before anything starts."""
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None:
+            raise EngineStartError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        try:
+            return server_context(cert, key)
+        except TlsConfigError as error:
+            raise EngineStartError(str(error)) from None
 
     def _start_health(self) -> None:
         """The database probe and the loop-lag monitor, whose findings /healthz and /readyz read."""
@@ -300,6 +328,7 @@ class Engine:
                 session.shut_down()
         if self._server is not None:
             await self._server.wait_closed()
+        await self.key_rotation.close()
         await self._abort()
 
     async def _stop_admin(self) -> None:

@@ -1,9 +1,12 @@
-"""One terminal connection: framing, the handshake, limits, replies.
+"""One terminal connection: framing, the handshake, sealing, limits, replies.
 
-States: AWAIT_HELLO -> AWAIT_AUTH -> OPEN. Any protocol fault sends one
-ERROR frame and closes this connection only. Replies are buffered and written
-once per received chunk or per committed batch, so a pipelining terminal gets
-many replies per system call.
+States: AWAIT_HELLO -> AWAIT_AUTH -> OPEN. Every frame after the handshake
+is sealed in both directions (``engine/seal.py``): the terminal's frames
+after its AUTH are checked and stripped before they are dispatched, the
+engine's frames after its AUTH_OK are sealed as they are queued. Any protocol
+fault sends one ERROR frame and closes this connection only. Replies are
+buffered and written once per received chunk or per committed batch, so a
+pipelining terminal gets many replies per system call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import cast
 
 from engine import fastpath
 from engine.codes import ErrorCode, MessageType, OperationKind
+from engine.key_rotation import KeyRotation
 from engine.keys import derive_terminal_key
 from engine.limits import (
     HANDSHAKE_DEADLINE_S,
@@ -29,6 +33,14 @@ from engine.limits import (
     WRITE_HIGH_WATER_BYTES,
 )
 from engine.processor import Processor
+from engine.seal import (
+    REJECTED_BAD_COUNTER,
+    REJECTED_BAD_TAG,
+    REJECTED_NOT_SEALED,
+    Opener,
+    Sealer,
+    derive_session_keys,
+)
 from engine.state import CityState, Terminal, now_ms
 
 log = logging.getLogger("citycard.session")
@@ -38,14 +50,14 @@ AWAIT_AUTH = 1
 OPEN = 2
 
 # Types only the engine sends; a terminal sending one is confused.
-_ENGINE_ONLY = frozenset(
-    {MessageType.CHALLENGE, MessageType.AUTH_OK, MessageType.TAP_RESULT, MessageType.ERROR}
-)
+_ENGINE_ONLY = frozenset({MessageType.CHALLENGE, MessageType.AUTH_OK, MessageType.TAP_RESULT, MessageType.ERROR})
 
 _TAP = MessageType.TAP
 _TOPUP = MessageType.TOPUP
 _REVERSAL = MessageType.REVERSAL
 _PING = MessageType.PING
+
+_REJECTED_BY_CODE: dict[int, str] = {ErrorCode.BAD_TAG: REJECTED_BAD_TAG, ErrorCode.BAD_COUNTER: REJECTED_BAD_COUNTER}
 
 
 @dataclass
@@ -67,6 +79,8 @@ class SessionCounters:
     connections_rejected: int = 0
     auth_failures: int = 0
     protocol_errors: dict[int, int] = field(default_factory=dict)
+    # Frames of open sessions refused by their seal, by reason (REJECTED_*).
+    frames_rejected: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,6 +93,9 @@ class SessionContext:
     limits: SessionLimits = field(default_factory=SessionLimits)
     counters: SessionCounters = field(default_factory=SessionCounters)
     sessions: set[TerminalSession] = field(default_factory=set)
+    # Which key versions each terminal may authenticate with (a rotation
+    # in progress accepts the next one too).
+    key_rotation: KeyRotation = field(default_factory=KeyRotation)
     accepting: bool = True
     # Called with the seconds from a request's frame received to its reply
     # written (the engine's own latency, the figure its objectives are about).
@@ -100,6 +117,9 @@ class TerminalSession(asyncio.Protocol):
         self._terminal: Terminal | None = None
         self._hello: tuple[int, int, bytes] | None = None
         self._server_nonce = b""
+        # Set by a successful AUTH: every frame after it, both ways, is sealed.
+        self._opener: Opener | None = None
+        self._sealer: Sealer | None = None
         self._last_received = 0.0
         self._chunk_received = 0.0
         # request id -> when its frame arrived; replies due -> when theirs did.
@@ -167,12 +187,21 @@ class TerminalSession(asyncio.Protocol):
             if self._closed:
                 return
             try:
+                # The reader turns sealed after the AUTH frame exactly as the
+                # session opens on it: the opener is set for every frame after.
+                if self._opener is not None:
+                    body = self._opener.open(msg_type, request_id, body)
                 self._dispatch(msg_type, request_id, body)
             except fastpath.ProtocolError as error:
+                reason = _REJECTED_BY_CODE.get(error.code)
+                if reason is not None:
+                    self._rejected(reason, msg_type, request_id, str(error))
                 self.fail(error.code, str(error), request_id)
                 return
         fault = self._reader.error
         if fault is not None and not self._closed:
+            if fault.code == ErrorCode.BAD_FLAGS and self._opener is not None:
+                self._rejected(REJECTED_NOT_SEALED, None, fault.request_id, str(fault))
             self.fail(fault.code, str(fault), fault.request_id)
             return
         self._processor.flush()
@@ -213,7 +242,7 @@ class TerminalSession(asyncio.Protocol):
                     self, request_id, terminal, OperationKind.REVERSAL, seq, 0, 0, 0, 0, original, event_ms
                 )
         elif msg_type == _PING:
-            self._out.append(fastpath.encode_pong(request_id, fastpath.decode_ping(body)))
+            self._emit(fastpath.encode_pong(request_id, fastpath.decode_ping(body)))
         elif msg_type == MessageType.HELLO:
             self._on_hello(request_id, body)
         elif msg_type == MessageType.AUTH:
@@ -232,7 +261,7 @@ class TerminalSession(asyncio.Protocol):
         self._hello = fastpath.decode_hello(body)
         self._server_nonce = os.urandom(NONCE_BYTES)
         self._state = AWAIT_AUTH
-        self._out.append(fastpath.encode_challenge(request_id, self._server_nonce))
+        self._emit(fastpath.encode_challenge(request_id, self._server_nonce))
 
     def _on_auth(self, request_id: int, body: bytes) -> None:
         if self._state != AWAIT_AUTH or self._hello is None:
@@ -241,12 +270,13 @@ class TerminalSession(asyncio.Protocol):
         proof = fastpath.decode_auth(body)
         terminal_id, key_version, client_nonce = self._hello
         terminal = self._context.state.terminals.get(terminal_id)
+        rotation = self._context.key_rotation
         # Compute the proof even for an unknown terminal so that the answer
         # takes the same time whether or not the id exists.
         key = derive_terminal_key(self._context.master_key, terminal_id, key_version)
         expected = fastpath.terminal_proof(key, terminal_id, key_version, client_nonce, self._server_nonce)
         valid = hmac.compare_digest(proof, expected)
-        if terminal is None or not terminal.active or terminal.key_version != key_version or not valid:
+        if terminal is None or not terminal.active or not rotation.accepts(terminal, key_version) or not valid:
             self._context.counters.auth_failures += 1
             log.warning(
                 "authentication failed",
@@ -254,10 +284,15 @@ class TerminalSession(asyncio.Protocol):
             )
             self.fail(ErrorCode.AUTH_FAILED, "authentication failed", request_id)
             return
+        # The first session under a pending key version completes its rotation.
+        rotation.authenticated(terminal, key_version)
         self._terminal = terminal
         self._state = OPEN
+        keys = derive_session_keys(key, terminal_id, key_version, client_nonce, self._server_nonce)
+        self._opener = Opener(keys.terminal_to_engine)
         engine_proof = fastpath.engine_proof(key, terminal_id, key_version, client_nonce, self._server_nonce)
         self._out.append(fastpath.encode_auth_ok(request_id, engine_proof, now_ms()))
+        self._sealer = Sealer(keys.engine_to_terminal)  # every frame after AUTH_OK
         if self._deadline is not None:
             self._deadline.cancel()
         self._schedule_idle_check()
@@ -275,7 +310,14 @@ class TerminalSession(asyncio.Protocol):
             received_at = self._received_at.pop(request_id, None)
             if received_at is not None:
                 self._replies_received_at.append(received_at)
-        self._out.append(fastpath.encode_tap_result(request_id, terminal_seq, result, amount, balance, info))
+        frame = fastpath.encode_tap_result(request_id, terminal_seq, result, amount, balance, info)
+        sealer = self._sealer  # always set here: results answer requests of an open session
+        self._out.append(frame if sealer is None else sealer.seal(frame))
+
+    def _emit(self, frame: bytes) -> None:
+        """Queue a frame, sealed once the handshake is over."""
+        sealer = self._sealer
+        self._out.append(frame if sealer is None else sealer.seal(frame))
 
     def flush(self) -> None:
         if self._out and self._transport is not None and not self._closed:
@@ -295,11 +337,29 @@ class TerminalSession(asyncio.Protocol):
         counters = self._context.counters
         counters.protocol_errors[code] = counters.protocol_errors.get(code, 0) + 1
         log.info("protocol error", extra={"code": int(code), "error": text, "peer": self.peer})
-        self._out.append(fastpath.encode_error(request_id, code, text))
+        self._emit(fastpath.encode_error(request_id, code, text))
         self.flush()
         self._closed = True
         if self._transport is not None:
             self._transport.close()
+
+    def _rejected(self, reason: str, msg_type: int | None, request_id: int, text: str) -> None:
+        """Count and log a frame of an open session refused by its seal."""
+        counters = self._context.counters.frames_rejected
+        counters[reason] = counters.get(reason, 0) + 1
+        terminal = self._terminal
+        log.warning(
+            "frame rejected",
+            extra={
+                "reason": reason,
+                "terminal_id": terminal.id if terminal is not None else None,
+                "key_version": self._hello[1] if self._hello is not None else None,
+                "peer": self.peer,
+                "msg_type": f"0x{msg_type:02x}" if msg_type is not None else None,
+                "request_id": request_id,
+                "error": text,
+            },
+        )
 
     # --- deadlines ----------------------------------------------------------------------
 

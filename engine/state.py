@@ -18,13 +18,15 @@ committed. Credits (top-ups, refunds) count only once committed.
 from __future__ import annotations
 
 import datetime
+import operator
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 
+from engine.bulk_load import FixedWidthColumns
 from engine.codes import TerminalKind
 from engine.fastpath import (
     CAP_GROUPS_MAX,
@@ -37,7 +39,9 @@ from engine.fastpath import (
     SETTING_TRANSFER_WINDOW_MS,
     SETTINGS_FIELDS,
     Activity,
+    Product,
 )
+from engine.limits import OFFICE_REFUND_WINDOW_S
 
 # A fare of -1 in the tariff table means "this profile is not served here".
 NO_FARE = -1
@@ -162,6 +166,17 @@ class CityState:
         # What the rules remember of each card that tapped (counter, last
         # passage, journey start, cap totals): card position -> Activity.
         self.activity: dict[int, Activity] = {}
+        # Season passes and multi-ride tickets: account position -> the
+        # account's products (few accounts hold any), and by database id.
+        self.products: dict[int, list[Product]] = {}
+        self.product_by_id: dict[int, Product] = {}
+        # Service group code -> the number products and policy rows use for
+        # it. Numbers are given on first sight and never change, so a
+        # product sold under one rules version matches the policy rows of
+        # every later one.
+        self.group_ids: dict[str, int] = {}
+        # See _positions(); emptied by finish_loading().
+        self._shared_positions: list[int] = []
 
     transfer_window_ms = _Setting(SETTING_TRANSFER_WINDOW_MS)
     transfer_percent_off = _Setting(SETTING_TRANSFER_PERCENT_OFF)
@@ -207,6 +222,70 @@ class CityState:
         self.card_eligible_until.append(until_day)
         return position
 
+    def add_cards(
+        self,
+        uids: Sequence[int],
+        statuses: Sequence[int],
+        profiles: Sequence[int],
+        account_ids: Sequence[int],
+        holder_ids: Sequence[int],
+        eligible_from: Sequence[int],
+        eligible_until: Sequence[int],
+    ) -> None:
+        """Append many cards at once, column by column (``add_card`` for each,
+        at a fraction of the cost: loading 10 million cards is mostly this).
+        ``eligible_from``/``eligible_until`` are as ``eligibility_days`` gives
+        them (the load computes them in SQL)."""
+        start = len(self.card_uid)
+        count = len(uids)
+        self.card_uid.extend(uids)
+        # Checked after the fact, once: a uid twice in the database is a
+        # broken primary key, and the dict would silently keep the last one.
+        self.card_position.update(zip(uids, self._positions(start, count), strict=True))
+        if len(self.card_position) != start + count:
+            raise InvariantError("duplicate card uids while loading")
+        # Through array('B'): one byte each, and an OverflowError for a
+        # value that does not fit (a bytearray would take the bytes of any
+        # buffer as they are).
+        self.card_status.extend(array("B", statuses))
+        self.card_profile.extend(array("B", profiles))
+        position = self.account_position
+        self.card_account.extend([position[account_id] for account_id in account_ids])
+        self.card_holder.extend(holder_ids)
+        self.card_eligible_from.extend(eligible_from)
+        self.card_eligible_until.extend(eligible_until)
+
+    def _positions(self, start: int, count: int) -> list[int]:
+        """The ints start .. start + count - 1, the same objects for cards and
+        accounts: a position above 256 is an int object of its own (28
+        bytes), and 10 million cards and their 10 million accounts would
+        otherwise hold 20 million of them in the two position dicts."""
+        shared = self._shared_positions
+        if len(shared) < start + count:
+            shared.extend(range(len(shared), start + count))
+        return shared[start : start + count]
+
+    def finish_loading(self) -> None:
+        """Drop what only loading needs (the shared position list)."""
+        self._shared_positions = []
+
+    def add_accounts(
+        self, ids: Sequence[int], balances: Sequence[int], floors: Sequence[int], ceilings: Sequence[int]
+    ) -> None:
+        """Append many accounts at once, column by column (see add_cards)."""
+        start = len(self.account_id)
+        count = len(ids)
+        self.account_id.extend(ids)
+        self.account_position.update(zip(ids, self._positions(start, count), strict=True))
+        if len(self.account_position) != start + count:
+            raise InvariantError("duplicate account ids while loading")
+        self.balance.extend(balances)
+        zeros = array("q", bytes(8 * count))
+        self.pending_debit.extend(zeros)
+        self.pending_credit.extend(zeros)
+        self.floor.extend(floors)
+        self.ceiling.extend(ceilings)
+
     def update_card(
         self, uid: int, status: int, profile: int, account_id: int, holder_id: int, eligible: tuple[int, int] | None
     ) -> int:
@@ -222,6 +301,61 @@ class CityState:
         self.card_eligible_from[position] = from_day
         self.card_eligible_until[position] = until_day
         return position
+
+    def group_id(self, code: str) -> int:
+        """The number of service group ``code`` (given on first sight)."""
+        number = self.group_ids.get(code)
+        if number is None:
+            number = self.group_ids[code] = len(self.group_ids)
+        return number
+
+    def add_product(
+        self,
+        product_id: int,
+        account_id: int,
+        kind: int,
+        group_code: str,
+        valid: tuple[datetime.date, datetime.date] | None,
+        rides: int,
+        rides_used: int,
+    ) -> Product:
+        """Hold a product (a card_products row) for its account; ``valid`` is a
+        season pass's first and last day, ``rides`` a ticket's rides."""
+        first_day, last_day = (day_number(valid[0]), day_number(valid[1])) if valid is not None else (0, -1)
+        product = Product(product_id, kind, self.group_id(group_code), first_day, last_day, rides, rides_used)
+        position = self.account_position[account_id]
+        held = self.products.get(position)
+        if held is None:
+            held = self.products[position] = []
+        previous = self.product_by_id.get(product_id)
+        if previous is not None:
+            held.remove(previous)
+        held.append(product)
+        self.product_by_id[product_id] = product
+        return product
+
+    def add_products(
+        self,
+        product_ids: Sequence[int],
+        account_ids: Sequence[int],
+        kinds: Sequence[int],
+        groups: Sequence[int],
+        first_days: Sequence[int],
+        last_days: Sequence[int],
+        rides: Sequence[int],
+        rides_used: Sequence[int],
+    ) -> None:
+        """Hold many products at once (a whole load): columns as add_product
+        takes them, with the group as its number and days since 1970-01-01."""
+        position = self.account_position
+        products = self.products
+        by_id = self.product_by_id
+        for product_id, account_id, kind, group, first_day, last_day, ride_count, used in zip(
+            product_ids, account_ids, kinds, groups, first_days, last_days, rides, rides_used, strict=True
+        ):
+            product = Product(product_id, kind, group, first_day, last_day, ride_count, used)
+            products.setdefault(position[account_id], []).append(product)
+            by_id[product_id] = product
 
     def set_fare(self, service_id: int, profile: int, fare_cents: int) -> None:
         row = self.fares.get(service_id)
@@ -242,8 +376,18 @@ class CityState:
         """Raise InvariantError if any account breaks a money rule.
 
         O(accounts): for tests and for the writer's periodic self-check,
-        not for the per-tap path.
+        not for the per-tap path. The scan runs in C (zip, any); only an
+        account that breaks a rule is looked at in Python, to name it.
         """
+        balance, debit, credit, floor = self.balance, self.pending_debit, self.pending_credit, self.floor
+        if not len(balance) == len(debit) == len(credit) == len(floor) == len(self.account_id):
+            raise InvariantError("account columns of different lengths")
+        suspects = any(map(operator.lt, balance, floor)) or (
+            (any(debit) or any(credit))
+            and (min(debit) < 0 or min(credit) < 0 or any(map(operator.lt, map(operator.sub, balance, debit), floor)))
+        )
+        if not suspects:
+            return
         for position in range(len(self.account_id)):
             committed = self.balance[position]
             if committed < self.floor[position]:
@@ -268,6 +412,38 @@ _CARDS_SQL = (
 )
 
 
+# A whole load reads fixed-width integer columns (engine.bulk_load), so
+# every column is cast to its width and never NULL. Accounts in id order.
+_LOAD_ACCOUNTS_SQL = "SELECT id, balance_cents, floor_cents, ceiling_cents FROM accounts ORDER BY id"
+_LOAD_ACCOUNTS_WIDTHS = (8, 8, 8, 8)
+
+# The cards, with eligibility_days() done by the server: $1 the standard
+# profile, $2/$3 its always-period, $4/$5 the empty period of a concession
+# with no eligibility row. No ORDER BY: card positions need no order, and
+# sorting millions of rows would only make the start slower.
+_LOAD_CARDS_SQL = (
+    "SELECT c.uid, c.status::int2, h.profile_id::int2, c.account_id, c.holder_id,"
+    " (CASE WHEN h.profile_id = $1 THEN $2 WHEN e.valid_from IS NULL THEN $4"
+    " ELSE e.valid_from - DATE '1970-01-01' END)::int4,"
+    " (CASE WHEN h.profile_id = $1 THEN $3 WHEN e.valid_from IS NULL THEN $5"
+    " ELSE e.valid_until - DATE '1970-01-01' END)::int4"
+    " FROM cards c JOIN holders h ON h.id = c.holder_id"
+    " LEFT JOIN eligibility e ON e.holder_id = c.holder_id AND e.profile_id = h.profile_id"
+)
+_LOAD_CARDS_ARGS = (STANDARD_PROFILE, ALWAYS_FROM_DAY, ALWAYS_UNTIL_DAY, NEVER_FROM_DAY, NEVER_UNTIL_DAY)
+_LOAD_CARDS_WIDTHS = (8, 2, 2, 8, 8, 4, 4)
+
+# Memory for the load's hash joins (cards with holders and eligibility), set
+# for its transaction only: at PostgreSQL's default of 4 MB a million-card
+# city's join spills to temporary files and takes twice as long; 10 million
+# cards need about 600 MB of hash tables.
+LOAD_WORK_MEM = "1GB"
+
+# One COPY reads a whole table: 10 million cards stream in about a minute on
+# a slow machine; ten minutes is a database that is not answering.
+LOAD_TIMEOUT_S = 600.0
+
+
 def day_number(day: datetime.date) -> int:
     """Days since 1970-01-01."""
     return (day - _EPOCH).days
@@ -280,6 +456,20 @@ def eligibility_days(profile: int, eligible: tuple[int, int] | None) -> tuple[in
     if eligible is None:
         return (NEVER_FROM_DAY, NEVER_UNTIL_DAY)
     return eligible
+
+
+async def _copy_columns(
+    conn: asyncpg.Connection,
+    sql: str,
+    args: tuple[object, ...],
+    widths: tuple[int, ...],
+    consume: Callable[..., None],
+) -> int:
+    """Stream ``sql`` as binary COPY into ``consume(*columns)``, a batch at a time."""
+    sink = FixedWidthColumns(widths, lambda columns: consume(*columns))
+    await conn.copy_from_query(sql, *args, output=sink, format="binary", timeout=LOAD_TIMEOUT_S)
+    sink.finish()
+    return sink.rows
 
 
 def _period(from_day: int | None, until_day: int | None) -> tuple[int, int] | None:
@@ -325,6 +515,49 @@ async def refresh_account(conn: asyncpg.Connection, state: CityState, account_id
     return state.add_account(account_id, row[0], row[1], row[2])
 
 
+# Products as the fast path holds them (schema/0004_products.sql).
+_PRODUCTS_SQL = "SELECT id, account_id, kind, group_code, valid_from, valid_until, rides, rides_used FROM card_products"
+
+# The same for a whole load, as fixed-width integers: the group as its
+# number ($1 codes, $2 numbers: CityState.group_id of every code in the
+# table), days since 1970-01-01. Only products that can still pay are held:
+# current or future season passes, tickets with rides left, and spent
+# tickets one of whose rides can still be refunded (the ride goes back).
+_LOAD_PRODUCTS_SQL = (
+    "SELECT p.id, p.account_id, p.kind::int2, g.number::int2,"
+    " coalesce(p.valid_from - DATE '1970-01-01', 0)::int4, coalesce(p.valid_until - DATE '1970-01-01', -1)::int4,"
+    " coalesce(p.rides, 0)::int4, p.rides_used::int4"
+    " FROM card_products p JOIN unnest($1::text[], $2::int4[]) AS g (code, number) ON g.code = p.group_code"
+    " WHERE (p.kind = 0 AND p.valid_until >= current_date - 1) OR (p.kind = 1 AND p.rides_used < p.rides)"
+    " OR p.id IN (SELECT product_id FROM taps WHERE product_id IS NOT NULL"
+    " AND recorded_at > clock_timestamp() - $3 * interval '1 second')"
+)
+_LOAD_PRODUCTS_WIDTHS = (8, 8, 2, 2, 4, 4, 4, 4)
+
+
+def _add_product_row(state: CityState, row: asyncpg.Record) -> Product:
+    valid = (row[4], row[5]) if row[4] is not None else None
+    return state.add_product(row[0], row[1], row[2], row[3], valid, row[6] or 0, row[7])
+
+
+async def refresh_products(conn: asyncpg.Connection, state: CityState, product_ids: Iterable[int]) -> int:
+    """Hold newly sold products (card_products rows) in ``state``.
+
+    Products the engine holds already are never re-read: their rides used
+    change only through the engine's own batches, and the database row may
+    lag the rides decided but not yet committed. Returns the number added.
+    """
+    wanted = [product_id for product_id in product_ids if product_id not in state.product_by_id]
+    if not wanted:
+        return 0
+    rows = await conn.fetch(_PRODUCTS_SQL + " WHERE id = ANY($1::int8[])", wanted)
+    for row in rows:
+        if row[1] not in state.account_position:
+            await refresh_account(conn, state, row[1])
+        _add_product_row(state, row)
+    return len(rows)
+
+
 async def load_state(conn: asyncpg.Connection) -> CityState:
     """Read the whole city from the database into a new CityState.
 
@@ -333,24 +566,29 @@ async def load_state(conn: asyncpg.Connection) -> CityState:
     """
     state = CityState()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        # Streamed through cursors: holding every row of a 10-million-card
-        # city as asyncpg records at once would cost gigabytes at start.
-        accounts = conn.cursor(
-            "SELECT id, balance_cents, floor_cents, ceiling_cents FROM accounts ORDER BY id",
-            prefetch=LOAD_PREFETCH_ROWS,
-        )
-        async for row in accounts:
-            state.add_account(row[0], row[1], row[2], row[3])
-        # No ORDER BY: card positions need no order, and sorting millions of
-        # rows would only make the start slower.
-        cards = conn.cursor(_CARDS_SQL, prefetch=LOAD_PREFETCH_ROWS)
-        async for row in cards:
-            state.add_card(row[0], row[1], row[2], row[3], row[4], _period(row[5], row[6]))
+        # SET LOCAL: the setting ends with the transaction.
+        await conn.execute(f"SET LOCAL work_mem = '{LOAD_WORK_MEM}'")
+        # Streamed as binary COPY and appended a batch at a time, column by
+        # column (engine.bulk_load): the database produces rows while they
+        # are decoded, and no row becomes a Python object of its own.
+        await _copy_columns(conn, _LOAD_ACCOUNTS_SQL, (), _LOAD_ACCOUNTS_WIDTHS, state.add_accounts)
+        await _copy_columns(conn, _LOAD_CARDS_SQL, _LOAD_CARDS_ARGS, _LOAD_CARDS_WIDTHS, state.add_cards)
         for service_id, revenue_account_id in await conn.fetch("SELECT id, revenue_account_id FROM services"):
             state.revenue_account[service_id] = state.account_position[revenue_account_id]
             state.fares.setdefault(service_id, array("q", [NO_FARE] * PROFILES_MAX))
         for service_id, profile_id, fare in await conn.fetch("SELECT service_id, profile_id, fare_cents FROM tariffs"):
             state.set_fare(service_id, profile_id, fare)
+        # Kept forever (taps refer to them), so spent tickets and ended
+        # passes are left on disk: only those that can still pay are held.
+        codes = [row[0] for row in await conn.fetch("SELECT DISTINCT group_code FROM card_products")]
+        numbers = [state.group_id(code) for code in codes]
+        await _copy_columns(
+            conn,
+            _LOAD_PRODUCTS_SQL,
+            (codes, numbers, OFFICE_REFUND_WINDOW_S),
+            _LOAD_PRODUCTS_WIDTHS,
+            state.add_products,
+        )
         terminals = await conn.fetch(
             "SELECT t.id, t.service_id, t.kind, t.key_version, t.status, t.funding_account_id, t.latitude, t.longitude,"
             " (SELECT max(terminal_seq) FROM taps WHERE terminal_id = t.id) AS high_seq"
@@ -369,6 +607,7 @@ async def load_state(conn: asyncpg.Connection) -> CityState:
                 latitude=row["latitude"],
                 longitude=row["longitude"],
             )
+    state.finish_loading()
     state.check_invariants()
     return state
 

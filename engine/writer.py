@@ -8,7 +8,8 @@ by themselves and the cost of each fsync is shared by thousands of taps.
 A batch is ONE SQL statement (data-modifying CTEs over unnest'ed arrays),
 run outside an explicit transaction, so it is atomic and costs one round
 trip. It inserts the batch marker, the tap records, the ledger transfers and
-entries, and updates each touched account once, in account-id order.
+entries, updates each touched account once, in account-id order, and the
+rides used of each multi-ride ticket the batch touched.
 Batches are capped by count (BATCH_TAPS_MAX); every row has a fixed size
 (about 150 bytes of arguments per tap), so the count caps the bytes too.
 
@@ -79,34 +80,39 @@ WITH
     INSERT INTO taps (terminal_id, terminal_seq, kind, card_uid, card_counter, tap_flags,
                       requested_cents, original_seq, event_time, recorded_at, result,
                       amount_cents, balance_cents, service_id, account_id, batch_id,
-                      info, fare_profile, rules_version)
+                      info, fare_profile, rules_version, product_id, original_terminal_id)
     SELECT u.terminal_id, u.seq, u.kind, u.uid, u.counter, u.flags, u.requested, u.original,
            timestamptz 'epoch' + u.event_ms * interval '1 millisecond',
            timestamptz 'epoch' + u.recorded_ms * interval '1 millisecond',
            u.result, u.amount, u.balance, u.service_id, u.account_id, $1,
-           u.info, u.fare_profile, u.rules_version
+           u.info, u.fare_profile, u.rules_version, u.product_id, u.original_terminal
     FROM unnest($3::text::int4[], $4::text::int8[], $5::text::int2[], $6::text::int8[],
                 $7::text::int8[], $8::text::int2[], $9::text::int8[], $10::text::int8[],
                 $11::text::int8[], $12::text::int8[], $13::text::int2[], $14::text::int8[],
                 $15::text::int8[], $16::text::int2[], $17::text::int8[], $18::text::int4[],
-                $19::text::int2[], $20::text::int4[])
+                $19::text::int2[], $20::text::int4[], $21::text::int8[], $22::text::int4[])
       AS u(terminal_id, seq, kind, uid, counter, flags, requested, original, event_ms,
            recorded_ms, result, amount, balance, service_id, account_id, info,
-           fare_profile, rules_version)
+           fare_profile, rules_version, product_id, original_terminal)
   ),
   account AS (
     UPDATE accounts SET balance_cents = accounts.balance_cents + d.delta
-    FROM unnest($21::text::int8[], $22::text::int8[]) AS d(id, delta)
+    FROM unnest($23::text::int8[], $24::text::int8[]) AS d(id, delta)
     WHERE accounts.id = d.id
   ),
   transfer AS (
     INSERT INTO ledger_transfers (id, batch_id, kind, service_id)
     SELECT x.id, $1, x.kind, x.service_id
-    FROM unnest($23::text::int8[], $24::text::int2[], $25::text::int2[]) AS x(id, kind, service_id)
+    FROM unnest($25::text::int8[], $26::text::int2[], $27::text::int2[]) AS x(id, kind, service_id)
   ),
   entry AS (
     INSERT INTO ledger_entries (transfer_id, account_id, amount_cents)
-    SELECT * FROM unnest($26::text::int8[], $27::text::int8[], $28::text::int8[])
+    SELECT * FROM unnest($28::text::int8[], $29::text::int8[], $30::text::int8[])
+  ),
+  ride AS (
+    UPDATE card_products SET rides_used = card_products.rides_used + r.delta
+    FROM unnest($31::text::int8[], $32::text::int4[]) AS r(id, delta)
+    WHERE card_products.id = r.id
   )
 SELECT 1
 """

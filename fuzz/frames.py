@@ -9,7 +9,10 @@ the whole stream). The only exception allowed out of the codec is the twin's
 saves the input. Per input the target checks that
 
 - the frames delivered, put back together, are exactly a prefix of the
-  stream, and every byte fed is either in a frame or buffered;
+  stream, and every byte fed is either in a frame or buffered; frames
+  after the first AUTH or AUTH_OK are sealed (flags SEALED, 24 bytes of
+  counter and tag after the body), those before are not, and ``sealed``
+  says so;
 - ``buffered()`` stays below the reader's ``max_frame_bytes`` (the reader
   holds at most one incomplete frame), so never above MAX_FRAME_BYTES plus
   the size of a chunk, and is 0 once the reader has stopped;
@@ -68,6 +71,9 @@ RSS_LIMIT_MB = 1024  # the fuzzer with both twins loaded stays far below
 
 _U16 = struct.Struct(">H")
 _HEADER = struct.Struct(">IBBHI")  # as docs/protocol.md, "Frames"
+_SEALED = 0x0001  # the flags of a frame after the handshake
+_SEAL_TRAILER_BYTES = 24  # counter u64 and 16-byte tag
+_HANDSHAKE_ENDS = (0x03, 0x04)  # AUTH, AUTH_OK: the frames after them are sealed
 
 # Every decoder, by the message type whose body it reads.
 DECODERS = {
@@ -168,6 +174,7 @@ def run_twin(fp: ModuleType, limit: int | None, chunks: list[bytes], as_bytearra
     delivered = bytearray()  # the frames given back, re-encoded
     fed = 0
     error = None
+    sealed = False  # an AUTH or AUTH_OK was delivered
     for chunk in chunks:
         fed += len(chunk)
         try:
@@ -180,12 +187,16 @@ def run_twin(fp: ModuleType, limit: int | None, chunks: list[bytes], as_bytearra
         if error is not None:
             raise FuzzFinding(f"{fp.__name__}: feed after the error {error!r} did not raise")
         for msg_type, request_id, body in frames:
-            delivered += _HEADER.pack(8 + len(body), 1, msg_type, 0, request_id) + body
-            decoded = _decode_all(fp, body)
-            _check_frame(fp, msg_type, request_id, body, decoded)
+            delivered += _HEADER.pack(8 + len(body), 1, msg_type, _SEALED if sealed else 0, request_id) + body
+            fields = body[:-_SEAL_TRAILER_BYTES] if sealed else body
+            decoded = _decode_all(fp, fields)
+            _check_frame(fp, msg_type, request_id, fields, decoded)
             observed.append(("frame", msg_type, request_id, body, decoded))
+            sealed = sealed or msg_type in _HANDSHAKE_ENDS
         if stream[: len(delivered)] != delivered:
             raise FuzzFinding(f"{fp.__name__}: the frames delivered are not the stream's bytes")
+        if reader.sealed != sealed:
+            raise FuzzFinding(f"{fp.__name__}: sealed is {reader.sealed} after the frames delivered")
         error = reader.error
         buffered = reader.buffered()
         if error is not None:

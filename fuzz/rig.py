@@ -7,11 +7,17 @@ processor is the real one, and the batch writer is a fake that keeps the
 decisions submitted until the rig commits (or rolls back) them with the
 processor's own ``batch_done()``.
 
+Once the session is open, every frame must be sealed both ways: the rig
+seals what it is asked to (``seal()``) with the session's terminal-to-engine
+key, and ``frames()`` checks the seal of everything the engine wrote after
+its AUTH_OK (a frame that fails it is a finding) and returns the bodies
+without their trailers.
+
 Example::
 
     rig = SessionRig()
     await rig.open()               # HELLO, CHALLENGE, AUTH with the right proof
-    await rig.send(fastpath.encode_ping(7, 1))
+    await rig.send(rig.seal(fastpath.encode_ping(7, 1)))
     rig.frames()[-1][0] == fastpath.MSG_PONG
 """
 
@@ -28,6 +34,7 @@ from engine.codes import CardStatus, TerminalKind
 from engine.decision import Decision
 from engine.keys import derive_terminal_key
 from engine.processor import Processor
+from engine.seal import Opener, Sealer, SessionKeys, derive_session_keys
 from engine.session import SessionContext, SessionLimits, TerminalSession
 from engine.state import CityState, Terminal
 from engine.writer import BatchWriter
@@ -158,6 +165,7 @@ class SessionRig:
         self.transport = FakeTransport(self.session)
         self.session.connection_made(cast(asyncio.Transport, self.transport))
         self.min_in_flight = 0
+        self._sealer: Sealer | None = None
 
     # --- driving -------------------------------------------------------------
 
@@ -205,6 +213,44 @@ class SessionRig:
         await self.hello(terminal_id)
         await self.send(fastpath.encode_auth(2, self.proof()))
 
+    def session_keys(self) -> SessionKeys | None:
+        """The keys of the session's handshake (HELLO and CHALLENGE as the
+        session holds them), or None before its CHALLENGE."""
+        hello = self.session._hello
+        server_nonce: bytes = self.session._server_nonce
+        if hello is None or not server_nonce:
+            return None
+        terminal_id, key_version, client_nonce = hello
+        key = derive_terminal_key(MASTER_KEY, terminal_id, key_version)
+        return derive_session_keys(key, terminal_id, key_version, client_nonce, server_nonce)
+
+    def seal(self, frame: bytes) -> bytes:
+        """Seal a frame as the terminal's next one (the session must have opened)."""
+        if self._sealer is None:
+            keys = self.session_keys()
+            if keys is None:
+                raise RuntimeError("no handshake to seal with")
+            self._sealer = Sealer(keys.terminal_to_engine)
+        return self._sealer.seal(frame)
+
+    @property
+    def next_counter(self) -> int:
+        """The counter of the terminal's next sealed frame."""
+        return 0 if self._sealer is None else self._sealer.counter
+
+    def seal_stream(self, stream: bytes) -> bytes:
+        """Seal every plain whole frame at the start of a stream, in order;
+        a frame already flagged, and whatever follows the first bytes that
+        are not a frame, pass as they are."""
+        out = []
+        pos = 0
+        for _msg_type, _request_id, body in fastpath.FrameReader().feed(stream):
+            size = fastpath.FRAME_HEADER_BYTES + len(body)
+            frame = stream[pos : pos + size]
+            out.append(self.seal(frame) if frame[6:8] == b"\x00\x00" else frame)
+            pos += size
+        return b"".join(out) + stream[pos:]
+
     async def finish(self) -> None:
         """Answer everything pending, then lose the connection as asyncio would."""
         await self.settle()
@@ -222,8 +268,25 @@ class SessionRig:
             raise FuzzFinding(f"in-flight count {in_flight} below zero")
 
     def frames(self) -> list[tuple[int, int, bytes]]:
-        """Every frame written so far (checked: the output is whole frames)."""
-        return parse_frames(bytes(self.transport.written))
+        """Every frame written so far (checked: the output is whole frames,
+        sealed after AUTH_OK with consecutive counters and valid tags), with
+        sealed bodies opened."""
+        frames = parse_frames(bytes(self.transport.written))
+        opener: Opener | None = None
+        opened = []
+        for msg_type, request_id, body in frames:
+            if opener is not None:
+                try:
+                    body = opener.open(msg_type, request_id, body)
+                except fastpath.ProtocolError as error:
+                    raise FuzzFinding(f"the engine wrote a frame that fails its seal: {error!r}") from error
+            elif msg_type == fastpath.MSG_AUTH_OK:
+                keys = self.session_keys()
+                if keys is None:
+                    raise FuzzFinding("AUTH_OK written without a handshake")
+                opener = Opener(keys.engine_to_terminal)
+            opened.append((msg_type, request_id, body))
+        return opened
 
     def check_output(self) -> list[tuple[int, int, bytes]]:
         """The invariants of what the session wrote; returns its frames."""

@@ -5,13 +5,16 @@ Run ``python -m fuzz.session --runs N``. Each input drives one
 (a tiny city, a fake transport, the real ``Processor`` with a fake batch
 writer that the rig commits or rolls back after every chunk). Half of the
 input space starts with a valid handshake (HELLO, then AUTH with the proof
-computed from the CHALLENGE the fake transport received), so that the
-fuzzer's bytes also reach the OPEN state and the decision ladder. Per input
-the target checks that
+computed from the CHALLENGE the fake transport received), and half of those
+have the rig seal the fuzzer's frames with the session's key and counters,
+so that the fuzzer's bytes also reach the OPEN state and the decision
+ladder; unsealed, they exercise the refusal of plain, forged, replayed and
+reordered frames. Per input the target checks that
 
 - no exception escapes ``data_received()`` (atheris reports any as a crash);
 - everything written parses as whole frames of types the engine sends, each
-  accepted by its decoder;
+  accepted by its decoder, and everything after AUTH_OK is sealed with
+  consecutive counters and valid tags;
 - after an ERROR frame the transport is closed and nothing more is written;
 - the session's in-flight count is never negative, and once every batch is
   settled a session still open has no request left unanswered;
@@ -29,7 +32,9 @@ Input layout (``make_input()`` builds one):
 - byte 0, control: bit 0 handshake first; bits 1-3 the number of cut
   points (0..7); bit 4 the writer has no room (requests get BUSY_RETRY);
   bit 5 batches roll back instead of committing; bit 6 the handshake is
-  the kiosk's (TOPUP allowed) instead of the bus validator's;
+  the kiosk's (TOPUP allowed) instead of the bus validator's; bit 7 the
+  rig seals each plain whole frame at the start of the stream (after a
+  handshake) before delivering it;
 - one ``u16`` per cut point (taken modulo the stream length + 1);
 - the rest: the bytes delivered after the handshake.
 """
@@ -51,6 +56,7 @@ _CUTS_MASK = 0x07
 NO_ROOM = 0x10
 ROLL_BACK = 0x20
 KIOSK = 0x40
+SEAL = 0x80
 
 # A session's input is a few pipelined requests: 16 TAPs are 784 bytes.
 MAX_LEN_DEFAULT = 2048
@@ -88,6 +94,8 @@ async def run_input(data: bytes) -> None:
         await rig.open(KIOSK_TERMINAL if control & KIOSK else VALIDATOR)
         if rig.session._state != OPEN:
             raise FuzzFinding(f"the valid handshake did not open the session: {rig.frames()}")
+    if control & HANDSHAKE and control & SEAL:
+        stream = rig.seal_stream(stream)
     await rig.send(stream, cuts)
     rig.check_output()
     await rig.settle()

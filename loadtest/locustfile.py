@@ -43,6 +43,7 @@ from engine.client import AuthenticationError, ConnectionLost, EngineError, TapR
 from engine.codes import ResultCode
 from engine.db import DATA_DIR_ENV, DSN_ENV, default_data_dir
 from engine.keys import MasterKeyError, derive_terminal_key, load_master_key
+from engine.tls import client_context
 from loadtest import outcomes
 from loadtest.city import (
     DEFAULT_CARD_SAMPLE,
@@ -124,6 +125,7 @@ def _options(parser: Any) -> None:
     parser.add_argument("--retry-permille", type=int, default=20, help="answered requests sent again")
     parser.add_argument("--reversal-permille", type=int, default=5, help="approved fares reversed")
     parser.add_argument("--tap-timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    parser.add_argument("--tls-ca", default="", help="connect over TLS, trusting this CA (PEM); empty: plain TCP")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the card sample and the choices")
 
 
@@ -472,6 +474,7 @@ class TerminalUser(User):
                 key=self.key,
                 key_version=self.terminal.key_version,
                 timeout=self.options.tap_timeout,
+                tls=client_context(self.options.tls_ca) if self.options.tls_ca else None,
             )
         except (OSError, ConnectionLost, EngineError, AuthenticationError, fastpath.ProtocolError) as failure:
             error = failure

@@ -233,7 +233,8 @@ async def test_too_many_in_flight(engine: EngineUnderTest, card: Card) -> None:
     client = await engine.client()
     base = time.time_ns() // 1000
     flood = b"".join(
-        fastpath.encode_tap(1000 + i, base + i, card.uid, 0, time.time_ns() // 1_000_000, 0) for i in range(300)
+        client.seal(fastpath.encode_tap(1000 + i, base + i, card.uid, 0, time.time_ns() // 1_000_000, 0))
+        for i in range(300)
     )
     await client.send_raw(flood)
     from engine.client import EngineError

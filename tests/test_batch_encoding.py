@@ -39,6 +39,9 @@ def decision(module: ModuleType, **fields: object) -> object:
         "info",
         "fare_profile",
         "rules_version",
+        "product_id",
+        "product_rides",
+        "original_terminal",
     ):
         if name in fields:
             setattr(d, name, fields[name])
@@ -63,17 +66,39 @@ def test_a_fare_and_a_topup(fp: ModuleType) -> None:
     )
     declined = decision(fp, terminal_seq=1003, card_uid=99, result=17)
     arguments = fp.encode_batch(5, [fare, topup, declined], ACCOUNTS, TRANSFERS_PER_BATCH)
-    assert len(arguments) == 28
+    assert len(arguments) == 32
     assert arguments[:4] == (5, 3, "{7,7,7}", "{1001,1002,1003}")
     assert arguments[9] == "{NULL,NULL,NULL}"  # original_seq
     assert arguments[16] == "{1000001,1000001,NULL}"  # the card's account id, NULL when unknown
     # info, the fare's profile (NULL when no fare was decided) and the rules version.
     assert arguments[17:20] == ("{3,0,0}", "{0,NULL,NULL}", "{4,0,0}")
+    # No product paid, no reversal names another terminal.
+    assert arguments[20:22] == ("{NULL,NULL,NULL}", "{NULL,NULL,NULL}")
     # Per account: the card -150 +500, bus revenue +150, funding -500.
-    assert arguments[20:22] == ("{1,11,1000001}", "{-500,150,350}")
+    assert arguments[22:24] == ("{1,11,1000001}", "{-500,150,350}")
     # Two transfers (fare, top-up) of service 1, each summing to zero.
-    assert arguments[22:25] == ("{5120,5121}", "{0,1}", "{1,1}")
-    assert arguments[25:28] == ("{5120,5120,5121,5121}", "{11,1000001,1,1000001}", "{150,-150,-500,500}")
+    assert arguments[24:27] == ("{5120,5121}", "{0,1}", "{1,1}")
+    assert arguments[27:30] == ("{5120,5120,5121,5121}", "{11,1000001,1,1000001}", "{150,-150,-500,500}")
+    assert arguments[30:32] == ("{}", "{}")  # no ticket rides
+
+
+def test_rides_and_refunds_of_other_terminals(fp: ModuleType) -> None:
+    """Rides used per ticket are summed (given back ones too); a reversal of
+    another terminal's tap names that terminal, one of its own does not."""
+    rides = [
+        decision(fp, terminal_seq=1, product_id=40, product_rides=1),
+        decision(fp, terminal_seq=2, product_id=40, product_rides=1),
+        decision(fp, terminal_seq=3, product_id=41, product_rides=1),
+        decision(fp, terminal_seq=4, product_id=9, product_rides=0),  # a season pass
+        decision(fp, terminal_seq=5, product_id=41, product_rides=1, result=25),  # declined: no ride
+    ]
+    office = decision(fp, terminal_seq=6, kind=fp.OPERATION_REVERSAL, original_seq=2, original_terminal=3)
+    office.product_id, office.product_rides = 40, -1
+    own = decision(fp, terminal_seq=7, kind=fp.OPERATION_REVERSAL, original_seq=3, original_terminal=7)
+    arguments = fp.encode_batch(5, [*rides, office, own], ACCOUNTS, TRANSFERS_PER_BATCH)
+    assert arguments[20] == "{40,40,41,9,41,40,NULL}"
+    assert arguments[21] == "{NULL,NULL,NULL,NULL,NULL,3,NULL}"
+    assert arguments[30:32] == ("{40,41}", "{1,1}")
 
 
 def test_extreme_values(fp: ModuleType) -> None:
@@ -121,6 +146,9 @@ decisions = st.lists(
             "info": st.integers(min_value=0, max_value=0x7F),
             "fare_profile": st.integers(min_value=-1, max_value=63),
             "rules_version": st.integers(min_value=0, max_value=2**31 - 1),
+            "product_id": st.sampled_from([-1, 1, 2, 2**40]),
+            "product_rides": st.integers(min_value=-1, max_value=1),
+            "original_terminal": st.integers(min_value=1, max_value=9),
         }
     ),
     max_size=40,

@@ -106,7 +106,7 @@ def build_city(rules_text: str = RULES) -> CityState:
     for code, service_id in SERVICE_IDS.items():
         for profile_code, fare in rules.service(code).fares.items():
             city.set_fare(service_id, {"standard": STANDARD, "student": STUDENT}[profile_code], fare)
-    compile_policy(rules, SERVICE_IDS).install(city)
+    compile_policy(rules, SERVICE_IDS, city.group_id).install(city)
     city.rules_version = rules.version
     for uid, (balance, floor, profile) in CARDS.items():
         city.add_account(1000 + uid, balance, floor, 100_000)
@@ -453,3 +453,14 @@ def test_twins_agree_on_random_days(sequence: list[tuple[int, int, int, int, boo
     assert decided[compiled] == decided[pure]
     for column in ("pending_debit", "card_status"):
         assert bytes(getattr(cities[compiled], column)) == bytes(getattr(cities[pure], column))
+
+
+def test_a_failed_batch_forgets_the_passage() -> None:
+    """The terminal's retry of a tap whose batch failed is not "already validated"."""
+    city = build_city()
+    processor = Processor(city, None)
+    d = tap(fastpath, city, POOL_GATE, RICH, T0)
+    processor.batch_done([d], committed=False)
+    retry = tap(fastpath, city, POOL_GATE, RICH, T0 + 1000)
+    assert (retry.result, retry.amount) == (R.APPROVED, POOL_FARE)
+    assert tap(fastpath, city, POOL_GATE, RICH, T0 + 2000).result == R.ALREADY_VALIDATED

@@ -208,12 +208,18 @@ def test_decision_starts_undecided(fp: ModuleType) -> None:
 
 def test_fingerprints(fp: ModuleType) -> None:
     d = fp.Decision(7, 1001, TAP, 0x04A1, 3, 1, 0, None, 1_000, 2_000, BUS)
-    expected = (0, 0x04A1, 3, 1, 0, 1_000, None)
+    expected = (0, 0x04A1, 3, 1, 0, 1_000, None, -1)
     assert d.fingerprint() == fp.request_fingerprint(TAP, 0x04A1, 3, 1, 0, 1_000, None) == expected
     # A REVERSAL's card comes from the record, not the request: it does not count.
     r = fp.Decision(7, 1002, REVERSAL, 0, 0, 0, 0, 1001, 1_000, 2_000, BUS)
     r.card_uid = 0x04A1
-    assert r.fingerprint() == (2, 0, 0, 0, 0, 1_000, 1001)
+    assert r.fingerprint() == (2, 0, 0, 0, 0, 1_000, 1001, 7) == fp.request_fingerprint(
+        REVERSAL, 0, 0, 0, 0, 1_000, 1001, 7
+    )
+    # The terminal whose tap it reverses is part of it: a refund of another
+    # terminal's sequence 1001 is another request.
+    r.original_terminal = 12
+    assert r.fingerprint() == (2, 0, 0, 0, 0, 1_000, 1001, 12)
     assert repr(r) == "Decision(REVERSAL terminal=7 seq=1002 result=0 amount=0)"
 
 

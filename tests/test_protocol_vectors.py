@@ -3,8 +3,10 @@
 The vectors are read FROM the markdown (section "Test vectors"), so the
 document a vendor implements from and the engine's codec cannot drift
 apart: a changed byte in either fails here. The block format (```vector,
-```handshake and ```reject fences of ``key: value`` lines) is described in
-that section.
+```handshake, ```session_keys, ```sealed and ```reject fences of ``key:
+value`` lines) is described in that section. Sealed frames are checked
+against the document's formulas computed here with ``hmac`` alone, against
+``engine/seal.py``, and through both twins' frame readers.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any
 
 import pytest
 
-from engine.codes import ErrorCode, MessageType, ResultCode, TapInfo
+from engine import fastpath
+from engine.codes import ErrorCode, FrameFlag, MessageType, ResultCode, TapInfo
+from engine.seal import Opener, Sealer, derive_session_keys
 
 PROTOCOL_DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -37,12 +41,10 @@ def load_twin(name: str) -> ModuleType:
         return importlib.import_module(TWIN_MODULES[name])
     except ImportError as exc:
         if name == "cython" and os.environ.get("CITYCARD_NO_EXTENSIONS", "") not in (
-            "", "0",
+            "",
+            "0",
         ):
-            pytest.skip(
-                "CITYCARD_NO_EXTENSIONS is set and engine._fastpath is not"
-                " built: testing the pure twin only"
-            )
+            pytest.skip("CITYCARD_NO_EXTENSIONS is set and engine._fastpath is not built: testing the pure twin only")
         pytest.fail(
             f"cannot import {TWIN_MODULES[name]} ({exc}); build it with"
             " `.venv/bin/cythonize -i -3 engine/_fastpath.pyx`, or set"
@@ -59,17 +61,25 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "AUTH": (("proof", "hex"),),
     "AUTH_OK": (("engine_proof", "hex"), ("engine_time_ms", "int")),
     "TAP": (
-        ("terminal_seq", "int"), ("card_uid", "int"), ("card_counter", "int"),
-        ("event_time_ms", "int"), ("tap_flags", "int"),
+        ("terminal_seq", "int"),
+        ("card_uid", "int"),
+        ("card_counter", "int"),
+        ("event_time_ms", "int"),
+        ("tap_flags", "int"),
     ),
     "TOPUP": (
-        ("terminal_seq", "int"), ("card_uid", "int"), ("amount_cents", "int"),
+        ("terminal_seq", "int"),
+        ("card_uid", "int"),
+        ("amount_cents", "int"),
         ("event_time_ms", "int"),
     ),
     "REVERSAL": (("terminal_seq", "int"), ("original_seq", "int"), ("event_time_ms", "int")),
     "TAP_RESULT": (
-        ("terminal_seq", "int"), ("result", "result"), ("amount_cents", "int"),
-        ("balance_cents", "int"), ("info", "info"),
+        ("terminal_seq", "int"),
+        ("result", "result"),
+        ("amount_cents", "int"),
+        ("balance_cents", "int"),
+        ("info", "info"),
     ),
     "PING": (("payload", "int"),),
     "PONG": (("payload", "int"),),
@@ -77,7 +87,7 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 assert set(FIELDS) == {member.name for member in MessageType}
 
-BLOCK = re.compile(r"^```(vector|handshake|reject)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+BLOCK = re.compile(r"^```(vector|handshake|session_keys|sealed|reject)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 INTEGER = re.compile(r"-?(?:0x[0-9a-f]+|0|[1-9][0-9]*)")
 HEX = re.compile(r"(?:[0-9a-f]{2}| )*")
 
@@ -135,12 +145,12 @@ BLOCKS = [(kind, parse_block(body)) for kind, body in BLOCK.findall(vectors_sect
 VECTORS = [fields for kind, fields in BLOCKS if kind == "vector"]
 REJECTS = [fields for kind, fields in BLOCKS if kind == "reject"]
 [HANDSHAKE] = [fields for kind, fields in BLOCKS if kind == "handshake"]
+[SESSION_KEYS] = [fields for kind, fields in BLOCKS if kind == "session_keys"]
+SEALED = [fields for kind, fields in BLOCKS if kind == "sealed"]
 
 
 def vector_fields(vector: dict[str, str]) -> tuple[Any, ...]:
-    return tuple(
-        parse_value(kind, vector[name]) for name, kind in FIELDS[vector["message"]]
-    )
+    return tuple(parse_value(kind, vector[name]) for name, kind in FIELDS[vector["message"]])
 
 
 def vector_id(vector: dict[str, str]) -> str:
@@ -152,9 +162,7 @@ def vector_id(vector: dict[str, str]) -> str:
 
 def test_every_message_type_has_a_vector() -> None:
     assert {vector["message"] for vector in VECTORS} == set(FIELDS)
-    results = [
-        vector_fields(vector) for vector in VECTORS if vector["message"] == "TAP_RESULT"
-    ]
+    results = [vector_fields(vector) for vector in VECTORS if vector["message"] == "TAP_RESULT"]
     assert any(result == ResultCode.APPROVED for _, result, _, _, _ in results)
     assert any(result != ResultCode.APPROVED for _, result, _, _, _ in results)
     assert any(balance < 0 for _, _, _, balance, _ in results)
@@ -178,9 +186,7 @@ def info_bits_table() -> list[tuple[int, str, str]]:
 def test_info_bits_table_lists_every_tap_info_bit() -> None:
     """What a terminal reads about the bits is what the engine sets."""
     rows = info_bits_table()
-    assert [(value, name) for value, name, _ in rows] == [
-        (flag.value, flag.name) for flag in TapInfo if flag
-    ]
+    assert [(value, name) for value, name, _ in rows] == [(flag.value, flag.name) for flag in TapInfo if flag]
     assert all(action for _, _, action in rows)
 
 
@@ -197,7 +203,10 @@ def test_vector_is_well_formed(vector: dict[str, str]) -> None:
     assert request_id == parse_value("int", vector["request_id"])
     # The first line of the frame is exactly the header, split by field.
     assert vector["frame"].split()[:5] == [
-        frame[0:4].hex(), frame[4:5].hex(), frame[5:6].hex(), frame[6:8].hex(),
+        frame[0:4].hex(),
+        frame[4:5].hex(),
+        frame[5:6].hex(),
+        frame[6:8].hex(),
         frame[8:12].hex(),
     ]
 
@@ -209,9 +218,7 @@ def test_vector_is_well_formed(vector: dict[str, str]) -> None:
 def test_vector_encodes(fp: ModuleType, vector: dict[str, str]) -> None:
     encode = getattr(fp, f"encode_{vector['message'].lower()}")
     request_id = parse_value("int", vector["request_id"])
-    assert encode(request_id, *vector_fields(vector)).hex() == bytes.fromhex(
-        vector["frame"]
-    ).hex()
+    assert encode(request_id, *vector_fields(vector)).hex() == bytes.fromhex(vector["frame"]).hex()
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=vector_id)
@@ -227,14 +234,12 @@ def test_vector_decodes(fp: ModuleType, vector: dict[str, str]) -> None:
     assert decoded == (fields if len(fields) > 1 else fields[0])
 
 
-@pytest.mark.parametrize(
-    "reject", REJECTS, ids=[f"reject-{r['error'].split()[1]}" for r in REJECTS]
-)
+@pytest.mark.parametrize("reject", REJECTS, ids=[f"reject-{r['error'].split()[1]}" for r in REJECTS])
 def test_rejected_frame(fp: ModuleType, reject: dict[str, str]) -> None:
     data = bytes.fromhex(reject["frame"])
     reader = fp.FrameReader()
-    for index in range(len(data) - 1):  # not a byte early...
-        assert reader.feed(data[index : index + 1]) == []
+    for index in range(len(data) - 1):  # not a byte early (whole frames before it pass)...
+        reader.feed(data[index : index + 1])
         assert reader.error is None
     assert reader.feed(data[-1:]) == []  # ...and not a byte late
     assert reader.error is not None
@@ -244,8 +249,14 @@ def test_rejected_frame(fp: ModuleType, reject: dict[str, str]) -> None:
 
 def test_handshake_worked_example(fp: ModuleType) -> None:
     assert list(HANDSHAKE) == [
-        "terminal_key", "terminal_id", "key_version", "client_nonce",
-        "server_nonce", "transcript", "terminal_proof", "engine_proof",
+        "terminal_key",
+        "terminal_id",
+        "key_version",
+        "client_nonce",
+        "server_nonce",
+        "transcript",
+        "terminal_proof",
+        "engine_proof",
     ]
     key = parse_value("hex", HANDSHAKE["terminal_key"])
     terminal_id = parse_value("int", HANDSHAKE["terminal_id"])
@@ -258,15 +269,9 @@ def test_handshake_worked_example(fp: ModuleType) -> None:
     assert key == bytes(range(32))
 
     # The document's formula, computed here without the codec...
-    assert transcript == (
-        struct.pack(">IH", terminal_id, key_version) + client_nonce + server_nonce
-    )
-    assert terminal_proof == hmac.new(
-        key, b"citycard/v1/terminal-proof" + transcript, hashlib.sha256
-    ).digest()
-    assert engine_proof == hmac.new(
-        key, b"citycard/v1/engine-proof" + transcript, hashlib.sha256
-    ).digest()
+    assert transcript == (struct.pack(">IH", terminal_id, key_version) + client_nonce + server_nonce)
+    assert terminal_proof == hmac.new(key, b"citycard/v1/terminal-proof" + transcript, hashlib.sha256).digest()
+    assert engine_proof == hmac.new(key, b"citycard/v1/engine-proof" + transcript, hashlib.sha256).digest()
     # ...and by the codec.
     inputs = (key, terminal_id, key_version, client_nonce, server_nonce)
     assert fp.terminal_proof(*inputs) == terminal_proof
@@ -278,3 +283,115 @@ def test_handshake_worked_example(fp: ModuleType) -> None:
     assert first["CHALLENGE"] == (server_nonce,)
     assert first["AUTH"] == (terminal_proof,)
     assert first["AUTH_OK"][0] == engine_proof
+
+
+# --- Sealed frames ----------------------------------------------------------------------
+
+
+def handshake_inputs() -> tuple[bytes, int, int, bytes, bytes]:
+    return (
+        parse_value("hex", HANDSHAKE["terminal_key"]),
+        parse_value("int", HANDSHAKE["terminal_id"]),
+        parse_value("int", HANDSHAKE["key_version"]),
+        parse_value("hex", HANDSHAKE["client_nonce"]),
+        parse_value("hex", HANDSHAKE["server_nonce"]),
+    )
+
+
+def documented_key(direction: str) -> bytes:
+    assert direction in ("terminal_to_engine", "engine_to_terminal"), direction
+    return parse_value("hex", SESSION_KEYS[direction])
+
+
+def plain_vector(message: str, request_id: str) -> dict[str, str]:
+    [vector] = [v for v in VECTORS if v["message"] == message and v["request_id"] == request_id]
+    return vector
+
+
+def test_session_keys_worked_example() -> None:
+    assert list(SESSION_KEYS) == ["salt", "prk", "terminal_to_engine", "engine_to_terminal"]
+    key, terminal_id, key_version, client_nonce, server_nonce = handshake_inputs()
+    salt = parse_value("hex", SESSION_KEYS["salt"])
+    prk = parse_value("hex", SESSION_KEYS["prk"])
+    # The document's formula (HKDF-SHA256, one block), computed here...
+    assert salt == client_nonce + server_nonce
+    assert prk == hmac.new(salt, key, hashlib.sha256).digest()
+    ids = struct.pack(">IH", terminal_id, key_version)
+    for direction, label in (
+        ("terminal_to_engine", b"citycard/v1/seal/terminal-to-engine"),
+        ("engine_to_terminal", b"citycard/v1/seal/engine-to-terminal"),
+    ):
+        expected = hmac.new(prk, label + ids + b"\x01", hashlib.sha256).digest()
+        assert documented_key(direction) == expected, direction
+    # ...and by the engine.
+    keys = derive_session_keys(key, terminal_id, key_version, client_nonce, server_nonce)
+    assert keys.terminal_to_engine == documented_key("terminal_to_engine")
+    assert keys.engine_to_terminal == documented_key("engine_to_terminal")
+
+
+def test_both_directions_have_a_sealed_vector() -> None:
+    assert {s["direction"] for s in SEALED} == {"terminal_to_engine", "engine_to_terminal"}
+
+
+@pytest.mark.parametrize("sealed", SEALED, ids=lambda s: f"{s['message']}-{s['direction']}")
+def test_sealed_vector(fp: ModuleType, sealed: dict[str, str]) -> None:
+    assert list(sealed) == ["message", "direction", "request_id", "counter", "tag", "frame"]
+    key = documented_key(sealed["direction"])
+    counter = parse_value("int", sealed["counter"])
+    tag = parse_value("hex", sealed["tag"])
+    plain = bytes.fromhex(plain_vector(sealed["message"], sealed["request_id"])["frame"])
+    frame = bytes.fromhex(sealed["frame"])
+
+    # The layout: the plain frame's header with SEALED and 24 more bytes,
+    # its body, the counter, the tag; split by field on the lines.
+    length, version, msg_type, _flags, request_id = struct.unpack_from(">IBBHI", plain)
+    assert frame == (
+        struct.pack(">IBBHI", length + 24, version, msg_type, FrameFlag.SEALED, request_id)
+        + plain[12:]
+        + counter.to_bytes(8, "big")
+        + tag
+    )
+    tokens = sealed["frame"].split()
+    assert tokens[-2:] == [counter.to_bytes(8, "big").hex(), tag.hex()]
+    assert tokens[:5] == [
+        frame[0:4].hex(),
+        frame[4:5].hex(),
+        frame[5:6].hex(),
+        frame[6:8].hex(),
+        frame[8:12].hex(),
+    ]
+    # The tag by the document's formula, and the engine's sealer.
+    assert tag == hmac.new(key, frame[4:-16], hashlib.sha256).digest()[:16]
+    assert Sealer(key, counter).seal(plain) == frame
+
+    # Through the twin's reader, after the handshake frame of that stream.
+    last = "AUTH" if sealed["direction"] == "terminal_to_engine" else "AUTH_OK"
+    handshake_end = bytes.fromhex(plain_vector(last, "2")["frame"])
+    reader = fp.FrameReader()
+    delivered = reader.feed(handshake_end + frame)
+    assert reader.error is None and reader.sealed and len(delivered) == 2
+    got_type, got_request_id, body = delivered[1]
+    assert (got_type, got_request_id) == (msg_type, request_id)
+    assert Opener(key, counter).open(got_type, got_request_id, body) == plain[12:]
+
+    # The refusals the document promises: a changed bit, a replay, a reflection.
+    changed = bytearray(body)
+    changed[3] ^= 0x10
+    for opener, data, code in (
+        (Opener(key, counter), bytes(changed), ErrorCode.BAD_TAG),
+        (Opener(key, counter + 1), body, ErrorCode.BAD_COUNTER),
+        (
+            Opener(
+                documented_key(
+                    "engine_to_terminal" if sealed["direction"] == "terminal_to_engine" else "terminal_to_engine"
+                ),
+                counter,
+            ),
+            body,
+            ErrorCode.BAD_TAG,
+        ),
+    ):
+        # engine/seal.py raises the ProtocolError of the twin engine.fastpath selected.
+        with pytest.raises(fastpath.ProtocolError) as raised:
+            opener.open(got_type, got_request_id, data)
+        assert raised.value.code == code

@@ -3,7 +3,8 @@
 Hypothesis draws random days of city life on the rules city of
 tests/test_city_rules.py: taps at buses, a pool gate, a bike dock and a
 library (with card counters, exits and time passing), top-ups at a kiosk,
-blocks and unblocks, and card replacements. Each step goes to the engine's
+season passes and multi-ride tickets sold, card-office refunds of earlier
+taps, blocks and unblocks, and card replacements. Each step goes to the engine's
 decision ladder (the selected twin), whose approved amounts are committed at
 once as the batch writer would, and to the model below: a plain
 re-statement of docs/rules.md with dictionaries and no shortcuts. Every
@@ -12,14 +13,16 @@ decision (result, amount, info) and every balance must agree.
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass, field
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine import fastpath
 from engine.codes import CardStatus, ResultCode, TapInfo, TerminalKind
+from engine.limits import OFFICE_REFUND_WINDOW_S
 from engine.processor import Processor
 from engine.state import CityState, Terminal
 from tests.test_city_rules import (
@@ -42,6 +45,7 @@ R = ResultCode
 KIOSK = 9
 KIOSK_SERVICE = 4  # the library's service: kiosks identify, their money comes from funding
 DAY_MS = 86_400_000
+EPOCH = datetime.date(1970, 1, 1)
 
 # The rules of tests/test_city_rules.py, restated.
 FARES = {BUS: {0: 150, 1: 75}, POOL: {0: 400, 1: 250}, 3: {0: 50, 1: 25}, 4: {0: 0, 1: 0}}
@@ -54,6 +58,35 @@ TRANSFER_MS = 45 * 60_000
 DAILY_CAP, MONTHLY_CAP = 300, 400
 SPEED_KMH, MIN_DISTANCE_M = 120, 500
 TOPUP_MAX = fastpath.TOPUP_MAX_CENTS
+GROUPS = {BUS: "bus", POOL: "pool", 3: "bikes", 4: "library"}
+REFUND_WINDOW_MS = OFFICE_REFUND_WINDOW_S * 1000
+
+
+@dataclass
+class ModelProduct:
+    id: int
+    group: str
+    season: bool
+    first_day: int = 0  # season passes: valid on [first_day, last_day]
+    last_day: int = 0
+    rides: int = 0  # tickets
+    used: int = 0
+
+
+@dataclass
+class ModelTap:
+    """An approved tap as the record holds it, for refunds."""
+
+    uid: int
+    terminal: int
+    service: int
+    at: int
+    amount: int
+    info: int
+    exit_tap: bool
+    product: ModelProduct | None
+    decision: object  # the engine's Decision, for its Original
+    refunded: bool = False
 
 
 @dataclass
@@ -68,6 +101,7 @@ class ModelCard:
 class ModelAccount:
     balance: int
     floor: int
+    products: list[ModelProduct] = field(default_factory=list)
     counter_seen: int = 0
     last: tuple[int, int, int] | None = None  # (ms, terminal, service) of the last approved tap
     journey_start: int | None = None
@@ -86,26 +120,28 @@ class Model:
     # account but not the memory, as in the engine.
     memory: dict[int, ModelAccount] = field(default_factory=dict)
 
-    def tap(self, uid: int, terminal: int, service: int, at: int, counter: int, exit_tap: bool) -> tuple[int, int, int]:
+    def tap(
+        self, uid: int, terminal: int, service: int, at: int, counter: int, exit_tap: bool
+    ) -> tuple[int, int, int, ModelProduct | None]:
         card = self.cards.get(uid)
         if card is None:
-            return (R.UNKNOWN_CARD, 0, 0)
+            return (R.UNKNOWN_CARD, 0, 0, None)
         if card.status != CardStatus.ACTIVE:
-            return (R.CARD_NOT_ACTIVE, 0, 0)
+            return (R.CARD_NOT_ACTIVE, 0, 0, None)
         account = self.accounts[card.account]
         memory = self.memory.setdefault(uid, ModelAccount(0, 0))
         if counter and memory.counter_seen and counter <= memory.counter_seen:
             card.status = CardStatus.BLOCKED  # the rules block suspected clones
-            return (R.CLONE_SUSPECTED, 0, 0)
+            return (R.CLONE_SUSPECTED, 0, 0, None)
         fare = FARES[service].get(card.profile)
         if fare is None:
-            return (R.SERVICE_NOT_ALLOWED, 0, 0)
+            return (R.SERVICE_NOT_ALLOWED, 0, 0, None)
         if counter:
             memory.counter_seen = counter
         if service in PASSBACK_MS and not exit_tap and memory.last is not None:
             when, _, last_service = memory.last
             if last_service == service and at - when < PASSBACK_MS[service]:
-                return (R.ALREADY_VALIDATED, 0, 0)
+                return (R.ALREADY_VALIDATED, 0, 0, None)
         info = 0
         if memory.last is not None and self._too_far(memory.last, terminal, at):
             info |= TapInfo.SHARING_SUSPECTED
@@ -113,6 +149,14 @@ class Model:
                 info |= TapInfo.SHOW_ID
         starts_journey = False
         refund = 0
+        product = None
+        day = at // DAY_MS
+        seasons = [
+            p for p in account.products if p.season and p.group == GROUPS[service] and p.first_day <= day <= p.last_day
+        ]
+        tickets = [p for p in account.products if not p.season and p.group == GROUPS[service] and p.used < p.rides]
+        season = min(seasons, key=lambda p: p.last_day) if seasons else None
+        ticket = min(tickets, key=lambda p: p.id) if tickets else None
         if exit_tap:
             if service in HOURLY and memory.stay is not None and memory.stay[0] == service and memory.stay[2] > 0:
                 _, entered, charged = memory.stay
@@ -122,13 +166,19 @@ class Model:
                     info |= TapInfo.REFUNDED
             fare = 0
         elif fare and service in HOURLY:
-            fare = HOURLY[service]
+            product = season or ticket
+            fare = 0 if product is not None else HOURLY[service]
         elif fare:
-            if service == BUS and memory.journey_start is not None and at - memory.journey_start <= TRANSFER_MS:
+            if season is not None:
+                product, fare = season, 0
+                starts_journey = service == BUS
+            elif service == BUS and memory.journey_start is not None and at - memory.journey_start <= TRANSFER_MS:
                 fare = 0
                 info |= TapInfo.TRANSFER
             else:
                 starts_journey = service == BUS
+            if fare and ticket is not None:
+                product, fare = ticket, 0
             if service == BUS and fare:
                 day = at // DAY_MS
                 month = month_of(day)
@@ -140,13 +190,17 @@ class Model:
                 if left < fare:
                     fare = left
                     info |= TapInfo.CAPPED
+        if product is not None:
+            info |= TapInfo.PASS_USED
         available = account.balance
-        if not exit_tap and MINIMUM.get(service, 0) and available < MINIMUM[service]:
-            return (R.MINIMUM_BALANCE, 0, info)
+        if not exit_tap and MINIMUM.get(service, 0) and available < MINIMUM[service] and product is None:
+            return (R.MINIMUM_BALANCE, 0, info, None)
         floor = max(account.floor, -TOLERATED.get(service, 0))
         if available - fare < floor:
-            return (R.INSUFFICIENT_FUNDS, 0, info)
+            return (R.INSUFFICIENT_FUNDS, 0, info, None)
         account.balance -= fare
+        if product is not None and not product.season:
+            product.used += 1
         memory.last = (at, terminal, service)
         if service in HOURLY:
             if not exit_tap:
@@ -155,13 +209,39 @@ class Model:
                 memory.stay = None
         if refund:
             account.balance += refund
-            return (R.APPROVED, refund, info)
+            return (R.APPROVED, refund, info, None)
         if starts_journey:
             memory.journey_start = at
         if service == BUS and fare:
             memory.day_spent += fare
             memory.month_spent += fare
-        return (R.APPROVED, fare, info)
+        return (R.APPROVED, fare, info, product)
+
+    def refund(self, tap: ModelTap, at: int) -> tuple[int, int]:
+        """The card office refunds an approved tap (docs/rules.md, "Refunds")."""
+        if at - tap.at > REFUND_WINDOW_MS:
+            return (R.REVERSAL_WINDOW_EXPIRED, 0)
+        if tap.refunded:
+            return (R.ALREADY_REVERSED, 0)
+        if tap.exit_tap or tap.info & TapInfo.REFUNDED:
+            return (R.NOT_REVERSIBLE, 0)
+        memory = self.memory.setdefault(tap.uid, ModelAccount(0, 0))
+        if tap.service in HOURLY:
+            if memory.stay is None or memory.stay[:2] != (tap.service, tap.at):
+                return (R.NOT_REVERSIBLE, 0)
+            memory.stay = None
+        tap.refunded = True
+        account = self.accounts[self.cards[tap.uid].account]
+        account.balance += tap.amount
+        if tap.product is not None and not tap.product.season and tap.product.used > 0:
+            tap.product.used -= 1
+        if tap.service == BUS and tap.amount:
+            day = tap.at // DAY_MS
+            if memory.cap_day == day and memory.day_spent >= tap.amount:
+                memory.day_spent -= tap.amount
+            if memory.cap_month == month_of(day) and memory.month_spent >= tap.amount:
+                memory.month_spent -= tap.amount
+        return (R.APPROVED, tap.amount)
 
     def topup(self, uid: int, amount: int) -> tuple[int, int]:
         card = self.cards.get(uid)
@@ -224,14 +304,28 @@ topup_step = st.tuples(st.just("topup"), st.sampled_from(UIDS + NEW_UIDS), st.in
 block_step = st.tuples(st.just("block"), st.integers(min_value=0, max_value=len(UIDS) - 1))
 unblock_step = st.tuples(st.just("unblock"), st.integers(min_value=0, max_value=len(UIDS) - 1))
 replace_step = st.tuples(st.just("replace"), st.sampled_from(UIDS), st.sampled_from(NEW_UIDS))
+sell_step = st.tuples(
+    st.just("sell"),
+    st.integers(min_value=0, max_value=len(UIDS) - 1),
+    st.sampled_from([BUS, POOL, 3]),
+    st.booleans(),  # a season pass, else a ticket
+    st.integers(min_value=0, max_value=2),  # starts in days (passes)
+    st.integers(min_value=1, max_value=30),  # days (passes) or rides (tickets, at most 3)
+)
+# Which of the approved taps so far (counted from the latest) the office refunds.
+refund_step = st.tuples(st.just("refund"), st.integers(min_value=0, max_value=5))
 
 
 def _weighted(percent: int) -> st.SearchStrategy[tuple[object, ...]]:
     """Taps are most of a day; the card office's operations are rare."""
-    if percent < 85:
+    if percent < 80:
         return tap_step
-    if percent < 91:
+    if percent < 86:
         return topup_step
+    if percent < 89:
+        return sell_step
+    if percent < 92:
+        return refund_step
     if percent < 94:
         return block_step
     if percent < 98:
@@ -261,6 +355,8 @@ def test_the_engine_decides_as_the_model_does(steps: list[tuple[object, ...]]) -
         model.accounts[1000 + uid] = ModelAccount(balance=balance, floor=floor)
     now, seq, counters = T0, 0, dict.fromkeys([*UIDS, *NEW_UIDS, 999], 0)
     current = list(UIDS)  # each holder's card in use
+    approved: list[ModelTap] = []
+    product_id = 0
     for entry in steps:
         seq += 1
         kind = entry[0]
@@ -275,8 +371,58 @@ def test_the_engine_decides_as_the_model_does(steps: list[tuple[object, ...]]) -
                 terminal, seq, 0, uid, counter, fastpath.TAP_FLAG_EXIT if exit_tap else 0, 0, None, now, now, service
             )
             fastpath.decide_tap(city, city.terminals[terminal], d)  # type: ignore[index]
-            expected = model.tap(uid, terminal, service, now, counter, bool(exit_tap))  # type: ignore[arg-type]
-            assert (d.result, d.amount, d.info) == expected, (entry, d)
+            *expected, product = model.tap(uid, terminal, service, now, counter, bool(exit_tap))  # type: ignore[arg-type]
+            assert [d.result, d.amount, d.info] == expected, (entry, d)
+            assert d.product_id == (product.id if product is not None else fastpath.NO_PRODUCT), (entry, d)
+            if product is not None and d.result == R.APPROVED:
+                event("paid by a season pass" if product.season else "paid by a ticket ride")
+            processor.batch_done([d], committed=True)
+            if d.result == R.APPROVED:
+                approved.append(
+                    ModelTap(uid, terminal, service, now, d.amount, d.info, bool(exit_tap), product, d)  # type: ignore[arg-type]
+                )
+        elif kind == "sell":
+            _, holder, service, season, starts, size = entry
+            card = model.cards[current[holder]]  # type: ignore[index]
+            product_id += 1
+            day = now // DAY_MS + starts  # type: ignore[operator]
+            if season:
+                sold = ModelProduct(product_id, GROUPS[service], True, day, day + size - 1)  # type: ignore[index, operator]
+                valid = (EPOCH + datetime.timedelta(days=day), EPOCH + datetime.timedelta(days=day + size - 1))  # type: ignore[operator]
+                city.add_product(product_id, card.account, fastpath.PRODUCT_SEASON, sold.group, valid, 0, 0)
+            else:
+                sold = ModelProduct(product_id, GROUPS[service], False, rides=1 + size % 3)  # type: ignore[index, operator]
+                city.add_product(product_id, card.account, fastpath.PRODUCT_MULTI_RIDE, sold.group, None, sold.rides, 0)
+            model.accounts[card.account].products.append(sold)
+        elif kind == "refund":
+            _, back = entry
+            if not approved:
+                continue
+            original = approved[-1 - back % len(approved)]  # type: ignore[operator]
+            now += 1
+            recorded = original.decision
+            d = fastpath.Decision(KIOSK, seq, 2, 0, 0, 0, 0, recorded.terminal_seq, now, now, KIOSK_SERVICE)  # type: ignore[attr-defined]
+            d.original_terminal = original.terminal
+            fastpath.decide_reversal(
+                city,
+                city.terminals[KIOSK],
+                d,
+                fastpath.Original(
+                    0,
+                    original.uid,
+                    original.amount,
+                    city.account_id[recorded.card_account],  # type: ignore[attr-defined]
+                    original.at,
+                    original.service,
+                    recorded.tap_flags,  # type: ignore[attr-defined]
+                    original.info,
+                    recorded.product_id,  # type: ignore[attr-defined]
+                ),
+                original.refunded,
+                REFUND_WINDOW_MS,
+            )
+            assert (d.result, d.amount) == model.refund(original, now), (entry, d)
+            event(f"refund: {R(d.result).name}")
             processor.batch_done([d], committed=True)
         elif kind == "topup":
             _, uid, amount = entry
@@ -315,4 +461,6 @@ def test_the_engine_decides_as_the_model_does(steps: list[tuple[object, ...]]) -
             position = city.account_position[account_id]
             assert city.balance[position] == account.balance, (entry, account_id)
             assert city.pending_debit[position] == city.pending_credit[position] == 0
+            for sold in account.products:
+                assert city.product_by_id[sold.id].rides_used == sold.used, (entry, sold)
     city.check_invariants()

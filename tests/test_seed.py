@@ -282,3 +282,30 @@ async def test_every_concession_holder_is_eligible_for_a_while(fresh_db: Callabl
     low, high = RENEWAL_DUE_SHARE_RANGE
     assert low <= due / len(concessions) <= high
     assert (summary.eligibility, summary.renewal_due, summary.rules_version) == (len(concessions), due, 1)
+
+
+async def test_some_holders_hold_current_passes_and_unused_tickets(seeded_dsn: str, seeded_cards: int) -> None:
+    conn = await connect(seeded_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT p.product_code, p.kind, p.valid_from, p.valid_until, p.rides, p.rides_used, c.status,"
+            " c.account_id = p.account_id AS own_account"
+            " FROM card_products p JOIN cards c ON c.uid = p.sold_to_card"
+        )
+    finally:
+        await conn.close()
+    rules = read_rules_file(RULES_FILE)
+    today = datetime.datetime.now(datetime.UTC).date()
+    by_code = {product.code: product for product in rules.products}
+    for product in rules.products:
+        held = [row for row in rows if row["product_code"] == product.code]
+        # PRODUCT_HOLDER_SHARE (4%) of the entitled holders, within a factor of three.
+        assert 0.013 * seeded_cards <= len(held) <= 0.12 * seeded_cards, product.code
+    for row in rows:
+        product = by_code[row["product_code"]]
+        assert row["own_account"] and row["status"] == CardStatus.ACTIVE
+        if product.kind == "season":
+            assert row["valid_from"] <= today <= row["valid_until"]
+            assert (row["valid_until"] - row["valid_from"]).days == (product.days or 1) - 1
+        else:
+            assert (row["rides"], row["rides_used"]) == (product.rides, 0)

@@ -15,6 +15,11 @@ message must make the engine write:
   (PROTOCOL_ERROR for a bad field), ERROR NOT_AUTHENTICATED before;
 - PING: a PONG echoing request id and payload, in any state;
 - a rule broken, or a message out of turn: ERROR with its code, then close;
+- once OPEN, every frame both ways is sealed: the model seals what it
+  sends with the session's key and counters, and a frame tampered with,
+  replayed, reordered, reflected or left plain gets ERROR BAD_TAG,
+  BAD_COUNTER or BAD_FLAGS and the close; what the engine writes after
+  AUTH_OK is checked to be sealed with consecutive counters (``rig.frames()``);
 - once closed: nothing more, whatever arrives.
 
 Garbage leaves the stream at an unknown offset, so after it only the
@@ -36,6 +41,7 @@ from engine import fastpath
 from engine import session as session_module
 from engine.keys import derive_terminal_key
 from engine.processor import EVENT_TIME_MIN_MS
+from engine.seal import Sealer
 from fuzz import rig as rigs
 
 AWAIT_HELLO, AWAIT_AUTH, OPEN, CLOSED, UNKNOWN = "AWAIT_HELLO", "AWAIT_AUTH", "OPEN", "CLOSED", "UNKNOWN"
@@ -54,7 +60,8 @@ cuts = st.lists(st.integers(min_value=0, max_value=200), max_size=4)
 
 # Frames that break one rule of docs/protocol.md, "Frames", by the error
 # code and request id the engine must answer with (request id 0 when the
-# length prefix alone is refused).
+# length prefix alone is refused). Before the handshake ends frames are
+# plain; after it, the same rules broken on sealed frames (OPEN_VIOLATIONS).
 VIOLATIONS = {
     "too large": (HEADER.pack(16_381, 1, fastpath.MSG_PING, 0, 5), fastpath.ERR_FRAME_TOO_LARGE, 0),
     "too short": (HEADER.pack(7, 1, fastpath.MSG_PING, 0, 5), fastpath.ERR_FRAME_TOO_SHORT, 0),
@@ -63,6 +70,24 @@ VIOLATIONS = {
     "flags": (HEADER.pack(16, 1, fastpath.MSG_PING, 1, 5) + bytes(8), fastpath.ERR_BAD_FLAGS, 5),
     "body length": (HEADER.pack(17, 1, fastpath.MSG_PING, 0, 5) + bytes(9), fastpath.ERR_BAD_BODY_LENGTH, 5),
     "engine only": (fastpath.encode_tap_result(5, 1, 0, 0, 0), fastpath.ERR_UNEXPECTED_MESSAGE, 5),
+}
+SEALED_PING_LENGTH = 8 + 8 + fastpath.SEAL_TRAILER_BYTES
+OPEN_VIOLATIONS = {
+    **VIOLATIONS,
+    "flags": (HEADER.pack(SEALED_PING_LENGTH, 1, fastpath.MSG_PING, 3, 5) + bytes(32), fastpath.ERR_BAD_FLAGS, 5),
+    "body length": (
+        HEADER.pack(SEALED_PING_LENGTH + 1, 1, fastpath.MSG_PING, fastpath.FLAG_SEALED, 5) + bytes(33),
+        fastpath.ERR_BAD_BODY_LENGTH,
+        5,
+    ),
+}
+# Ways to break the seal of an open session, and what each must get.
+TAMPERING = {
+    "flipped bit": fastpath.ERR_BAD_TAG,
+    "reflected": fastpath.ERR_BAD_TAG,
+    "replayed": fastpath.ERR_BAD_COUNTER,
+    "reordered": fastpath.ERR_BAD_COUNTER,
+    "not sealed": fastpath.ERR_BAD_FLAGS,
 }
 
 
@@ -85,10 +110,15 @@ class SessionMachine(RuleBasedStateMachine):
     # --- helpers ---------------------------------------------------------------
 
     def send(self, data: bytes, split_at: list[int]) -> list[tuple[int, int, bytes]]:
-        """Deliver data in chunks; return the frames it made the engine write."""
-        before = len(self.rig.transport.written)
+        """Deliver data in chunks; return the frames it made the engine write
+        (their seals checked and stripped)."""
+        before = len(self.rig.frames())
         self.loop.run_until_complete(self.rig.send(data, split_at))
-        return rigs.parse_frames(bytes(self.rig.transport.written[before:]))
+        return self.rig.frames()[before:]
+
+    def sealed(self, frame: bytes) -> bytes:
+        """The frame as the terminal sends it now: sealed once the session is open."""
+        return self.rig.seal(frame) if self.model == OPEN else frame
 
     def next_request_id(self) -> int:
         self.request_id += 1
@@ -126,7 +156,7 @@ class SessionMachine(RuleBasedStateMachine):
     )
     def hello(self, terminal_id: int, client_nonce: bytes, split_at: list[int]) -> None:
         request_id = self.next_request_id()
-        frame = fastpath.encode_hello(request_id, terminal_id, rigs.KEY_VERSION, client_nonce)
+        frame = self.sealed(fastpath.encode_hello(request_id, terminal_id, rigs.KEY_VERSION, client_nonce))
         written = self.send(frame, split_at)
         if self.expect_nothing_if_closed(written):
             return
@@ -148,7 +178,7 @@ class SessionMachine(RuleBasedStateMachine):
         proof = fastpath.terminal_proof(key, *transcript)
         if not right:
             proof = bytes([proof[0] ^ 1]) + proof[1:]
-        written = self.send(fastpath.encode_auth(request_id, proof), split_at)
+        written = self.send(self.sealed(fastpath.encode_auth(request_id, proof)), split_at)
         if self.expect_nothing_if_closed(written):
             return
         if self.model != AWAIT_AUTH:
@@ -182,7 +212,7 @@ class SessionMachine(RuleBasedStateMachine):
         else:
             frame = fastpath.encode_reversal(request_id, seq, max(seq - 1, 0), event_time_ms)
         refused = bad_field in ("event time", "sequence") or (bad_field == "tap flags" and kind == fastpath.MSG_TAP)
-        written = self.send(frame, split_at)
+        written = self.send(self.sealed(frame), split_at)
         if self.expect_nothing_if_closed(written):
             return
         if self.model != OPEN:
@@ -199,7 +229,7 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(payloads=st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=1, max_size=4), split_at=cuts)
     def ping(self, payloads: list[int], split_at: list[int]) -> None:
         sent = [(self.next_request_id(), payload) for payload in payloads]
-        written = self.send(b"".join(fastpath.encode_ping(*pair) for pair in sent), split_at)
+        written = self.send(b"".join(self.sealed(fastpath.encode_ping(*pair)) for pair in sent), split_at)
         if self.expect_nothing_if_closed(written):
             return
         assert [(msg_type, answered) for msg_type, answered, _ in written] == [
@@ -221,11 +251,49 @@ class SessionMachine(RuleBasedStateMachine):
                 # The stream is now at an unknown offset.
                 self.model = CLOSED if self.rig.transport.closed else UNKNOWN
             return
-        frame, code, request_id = VIOLATIONS[violation]
+        if self.model == OPEN:
+            frame, code, request_id = OPEN_VIOLATIONS[violation]
+            if violation == "engine only":
+                frame = self.rig.seal(frame)
+        else:
+            frame, code, request_id = VIOLATIONS[violation]
         written = self.send(frame + tail, split_at)
         if self.expect_nothing_if_closed(written):
             return
         self.expect_error(written, code, request_id)
+
+    @rule(how=st.sampled_from(sorted(TAMPERING)), position=st.integers(min_value=0, max_value=255), split_at=cuts)
+    def tamper(self, how: str, position: int, split_at: list[int]) -> None:
+        """A frame of an open session that fails its seal, or is not sealed."""
+        if self.model != OPEN:
+            return  # before the handshake nothing is sealed: "hostile" covers it
+        request_id = self.next_request_id()
+        ping = fastpath.encode_ping(request_id, 77)
+        expected: list[tuple[int, int]] = []  # (type, request id) written before the ERROR
+        if how == "flipped bit":
+            # A bit of the body, counter or tag (the header's fields are the
+            # reader's to refuse, and a changed request id would be echoed).
+            altered = bytearray(self.rig.seal(ping))
+            altered[12 + position % (len(altered) - 12)] ^= 1 << (position % 8)
+            data = bytes(altered)
+        elif how == "reflected":
+            keys = self.rig.session_keys()
+            assert keys is not None
+            data = Sealer(keys.engine_to_terminal, self.rig.next_counter).seal(ping)
+        elif how == "replayed":
+            data = self.rig.seal(ping) * 2
+            expected = [(fastpath.MSG_PONG, request_id)]
+        elif how == "reordered":
+            first, second = self.rig.seal(ping), self.rig.seal(fastpath.encode_ping(request_id + 1, 78))
+            self.request_id += 1
+            data = second + first
+            request_id += 1
+        else:
+            data = ping
+        written = self.send(data, split_at)
+        assert [(msg_type, answered) for msg_type, answered, _ in written[:-1]] == expected
+        self.expect_error(written[-1:], TAMPERING[how], request_id)
+        assert self.rig.context.counters.frames_rejected
 
     # --- invariants ---------------------------------------------------------------
 
