@@ -544,6 +544,7 @@ class Harness:
         self.terminals_by_id = {t.terminal_id: t for t in self.terminals}
         self.requests: dict[tuple[int, int], Request] = {}
         self.tally = Tally()
+        self.card_counters: dict[int, int] = {}
 
     # --- requests ----------------------------------------------------------------------
 
@@ -563,7 +564,12 @@ class Harness:
             draw = rng.randrange(100)
             uid = UNKNOWN_CARD_UID if draw < UNKNOWN_CARD_PERCENT else rng.choice(self.cards).uid
             flags = 1 if draw >= 100 - EXIT_TAP_PERCENT else 0
-            counter = rng.randrange(1, 1 << 31)
+            # Each card counts up, as a real card does: a random counter
+            # would make nearly every tap a suspected clone and the load
+            # would move no money. Taps of one card from two terminals may
+            # still arrive out of order: those are declined CLONE_SUSPECTED,
+            # a decision like any other for the checker.
+            self.card_counters[uid] = counter = self.card_counters.get(uid, 0) + 1
             request = Request(terminal.terminal_id, seq, OperationKind.TAP, uid, 0, counter, flags, now, cycle)
         self.requests[request.key] = request
         self.tally.requests += 1

@@ -125,6 +125,39 @@ class CityState:
     arrays; database ids are kept alongside for writing back.
     """
 
+    # Slots: the decision ladder reads about twenty of these per tap, and a
+    # slot is read without the instance dictionary's look-up.
+    __slots__ = (
+        "_shared_positions",
+        "account_id",
+        "account_position",
+        "activity",
+        "balance",
+        "cap_daily",
+        "cap_monthly",
+        "card_account",
+        "card_eligible_from",
+        "card_eligible_until",
+        "card_holder",
+        "card_position",
+        "card_profile",
+        "card_status",
+        "card_uid",
+        "ceiling",
+        "fares",
+        "floor",
+        "group_ids",
+        "pending_credit",
+        "pending_debit",
+        "product_by_id",
+        "products",
+        "revenue_account",
+        "rules_version",
+        "service_policy",
+        "settings",
+        "terminals",
+    )
+
     def __init__(self) -> None:
         # Cards
         self.card_position: dict[int, int] = {}  # uid -> card position

@@ -20,8 +20,8 @@ import aiohttp
 import asyncpg
 import pytest
 
+import tests.test_admin
 from engine.codes import CardStatus, ResultCode, TapInfo
-from engine.keys import derive_operator_token, load_master_key
 from engine.reports import daily_report, reconcile
 from tests.city import (
     BUS_FARE,
@@ -108,19 +108,11 @@ async def engine(city_dsn: str, tmp_path: Path, rules_version: int) -> AsyncIter
 @pytest.fixture
 async def office(engine: EngineUnderTest) -> AsyncIterator[Office]:
     async with aiohttp.ClientSession() as http:
-        yield Office(http, engine)
+        yield Office(http, engine, OPERATOR)
 
 
-class Office:
-    def __init__(self, http: aiohttp.ClientSession, engine: EngineUnderTest) -> None:
-        self.http = http
-        self.engine = engine
-        token = derive_operator_token(load_master_key(engine.data_dir), OPERATOR)
-        self.headers = {"Authorization": f"Bearer {OPERATOR}:{token}"}
-
-    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-        async with self.http.request(method, self.engine.admin_url + path, json=body, headers=self.headers) as answer:
-            return answer.status, await answer.json(content_type=None)
+class Office(tests.test_admin.Office):
+    """An operator at the desk (tests/test_admin.py), who also sells and refunds."""
 
     async def sell(self, uid: int, product: str, **extra: Any) -> tuple[int, dict[str, Any]]:
         return await self.call("POST", f"/v1/cards/{uid}/products", {"product": product, **extra})
