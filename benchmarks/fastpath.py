@@ -73,7 +73,7 @@ from types import ModuleType
 
 from benchmarks.common import describe_machine, describe_versions, print_json
 from engine import _fastpath_py
-from engine.codes import CardStatus, ResultCode, TapInfo, TerminalKind
+from engine.codes import CardStatus, ProductKind, ResultCode, TapInfo, TerminalKind
 from engine.policy import CompiledPolicy, compile_policy
 from engine.rules import Rules, read_rules_file, rules_sha256
 from engine.seed import PRODUCT_HOLDER_SHARE, PROFILES, RULES_FILE, RULES_SOURCE_NAME, SERVICES
@@ -271,9 +271,9 @@ def build_city(cards: int, rng: random.Random) -> BenchCity:
                 continue
             if product.kind == "season":
                 first = today - products_rng.randrange(product.days or 1)
-                held = (0, first, first + (product.days or 1) - 1, 0)
+                held = (ProductKind.SEASON, first, first + (product.days or 1) - 1, 0)
             else:
-                held = (1, 0, -1, product.rides or 1)
+                held = (ProductKind.MULTI_RIDE, 0, -1, product.rides or 1)
             kind, first, last, rides = held
             group = state.group_id(product.group)
             products.append((len(products) + 1, state.card_account[card], kind, group, first, last, rides))

@@ -49,22 +49,22 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from engine.codes import CardStatus, OperationKind, ResultCode, TerminalKind
+from engine.codes import CardStatus, OperationKind, ProductKind, ResultCode, TerminalKind
 from engine.keys import derive_operator_token, is_operator_name
 from engine.limits import (
     ADMIN_BODY_MAX_BYTES,
     ADMIN_POOL_ACQUIRE_S,
     ADMIN_REFRESH_RETRY_S,
+    ADMIN_REQUEST_WAIT_S,
+    ADMIN_REQUESTS_REMEMBERED,
     ADMIN_SHUTDOWN_S,
-    ADMIN_TOPUP_WAIT_S,
-    ADMIN_TOPUPS_REMEMBERED,
     BALANCE_MAX_CENTS,
     PASS_START_AHEAD_MAX_DAYS,
     TOPUP_MAX_CENTS,
 )
 from engine.processor import INT64_MAX, Processor
 from engine.rules import Rules
-from engine.state import CityState, Terminal, day_number, now_ms, refresh_cards, refresh_products
+from engine.state import CityState, Terminal, now_ms, refresh_cards, refresh_products
 
 log = logging.getLogger("citycard.admin")
 
@@ -239,7 +239,7 @@ def _card_not_found(uid: int) -> AdminProblem:
     return AdminProblem(404, "card_not_found", f"no card with uid {uid}")
 
 
-class _TopupReply:
+class _OutcomeReply:
     """Where the processor delivers a card-office request's result (a ReplyTarget)."""
 
     __slots__ = ("future",)
@@ -251,7 +251,7 @@ class _TopupReply:
         self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int, info: int
     ) -> None:
         # ``info`` is left out: its bits explain a tap; top-ups and refunds set none.
-        # A request that gave up waiting (ADMIN_TOPUP_WAIT_S) has a done future.
+        # A request that gave up waiting (ADMIN_REQUEST_WAIT_S) has a done future.
         if not self.future.done():
             self.future.set_result((result, amount, balance))
 
@@ -289,8 +289,6 @@ _INSERT_PRODUCT_SQL = (
     " RETURNING id"
 )
 
-_PRODUCT_KINDS = {"season": 0, "multi_ride": 1}
-_PRODUCT_KIND_NAMES = {number: name for name, number in _PRODUCT_KINDS.items()}
 
 _UPSERT_ELIGIBILITY_SQL = (
     "INSERT INTO eligibility (holder_id, profile_id, source, valid_from, valid_until)"
@@ -552,7 +550,7 @@ class AdminServer:
         return {
             "id": row["id"],
             "product": row["product_code"],
-            "kind": _PRODUCT_KIND_NAMES[row["kind"]],
+            "kind": ProductKind(row["kind"]).code,
             "group": row["group_code"],
             "valid_from": row["valid_from"],
             "valid_until": row["valid_until"],
@@ -875,7 +873,7 @@ class AdminServer:
                     422, "unknown_product", f"no product {body.product!r} in rules version {version} (sold: {known})"
                 )
             if product.profiles is not None:
-                self._check_entitled(uid, card["profile"], product.profiles, today)
+                await _check_entitled(conn, uid, card["profile"], product.profiles, rules, today)
             season = product.kind == "season"
             valid_until = valid_from + datetime.timedelta(days=(product.days or 1) - 1) if season else None
             product_id = int(
@@ -883,7 +881,7 @@ class AdminServer:
                     _INSERT_PRODUCT_SQL,
                     card["account_id"],
                     product.code,
-                    _PRODUCT_KINDS[product.kind],
+                    ProductKind[product.kind.upper()],
                     product.group,
                     version,
                     valid_from if season else None,
@@ -914,22 +912,6 @@ class AdminServer:
         self._log(operator, "card.sell_product", card=uid, product=body.product)
         return _json(201, result)
 
-    def _check_entitled(self, uid: int, profile: str, allowed: Iterable[str], today: datetime.date) -> None:
-        """A product for some profiles only: the holder's, valid today."""
-        if profile not in allowed:
-            raise AdminProblem(
-                422, "not_entitled", f"the holder's profile {profile!r} may not hold it (only: {', '.join(allowed)})"
-            )
-        position = self._state.card_position.get(uid)
-        if position is None:
-            return  # a card issued this instant: its eligibility is checked at the first tap
-        day = day_number(today)
-        state = self._state
-        if not state.card_eligible_from[position] <= day <= state.card_eligible_until[position]:
-            raise AdminProblem(
-                422, "not_entitled", f"the holder's {profile} eligibility is not valid today: renew it first"
-            )
-
     def _desk(self, terminal_id: int, action: str) -> Terminal:
         """The card office's desk terminal: a kiosk, the only kind that moves money by hand."""
         terminal = self._state.terminals.get(terminal_id)
@@ -956,7 +938,7 @@ class AdminServer:
         future: asyncio.Future[tuple[int, int, int]] = asyncio.get_running_loop().create_future()
         processor = self._processor
         processor.submit(
-            _TopupReply(future),
+            _OutcomeReply(future),
             0,
             terminal,
             kind,
@@ -971,12 +953,12 @@ class AdminServer:
         )
         processor.flush()
         try:
-            return await asyncio.wait_for(future, ADMIN_TOPUP_WAIT_S)
+            return await asyncio.wait_for(future, ADMIN_REQUEST_WAIT_S)
         except TimeoutError:
             raise AdminProblem(
                 504,
                 "outcome_pending",
-                f"no outcome within {ADMIN_TOPUP_WAIT_S:g} s; retry with the same terminal_seq to learn it",
+                f"no outcome within {ADMIN_REQUEST_WAIT_S:g} s; retry with the same terminal_seq to learn it",
             ) from None
 
     async def _audit_outcome(self, operator: str, action: str, subject: str, detail: dict[str, Any]) -> int | None:
@@ -1015,12 +997,37 @@ class AdminServer:
                     event_ms = int(row["event_ms"])
         events = self._request_events
         events[key] = (content, event_ms)
-        if len(events) > ADMIN_TOPUPS_REMEMBERED:
+        if len(events) > ADMIN_REQUESTS_REMEMBERED:
             del events[next(iter(events))]
         return event_ms
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+
+async def _check_entitled(
+    conn: asyncpg.Connection, uid: int, profile: str, allowed: Iterable[str], rules: Rules, today: datetime.date
+) -> None:
+    """A product for some profiles only: the holder's, and for a concession
+    profile an eligibility period that holds today (read in the sale's
+    transaction, so a card issued a moment ago is checked like any other)."""
+    if profile not in allowed:
+        raise AdminProblem(
+            422, "not_entitled", f"the holder's profile {profile!r} may not hold it (only: {', '.join(allowed)})"
+        )
+    if profile == rules.concessions.standard_profile:
+        return
+    valid = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM cards c JOIN holders h ON h.id = c.holder_id"
+        " JOIN eligibility e ON e.holder_id = c.holder_id AND e.profile_id = h.profile_id"
+        " WHERE c.uid = $1 AND $2 BETWEEN e.valid_from AND e.valid_until)",
+        uid,
+        today,
+    )
+    if not valid:
+        raise AdminProblem(
+            422, "not_entitled", f"the holder's {profile} eligibility is not valid today: renew it first"
+        )
 
 
 def _refuse_unsettled(code: ResultCode, terminal_seq: int) -> None:

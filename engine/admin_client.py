@@ -22,7 +22,7 @@ import msgspec
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9701"
 
 # An answer takes milliseconds; a top-up waits for its commit, which the
-# engine bounds at ADMIN_TOPUP_WAIT_S (10 s). 30 s covers that with margin
+# engine bounds at ADMIN_REQUEST_WAIT_S (10 s). 30 s covers that with margin
 # and still reports a wedged engine.
 REQUEST_TIMEOUT_S = 30.0
 

@@ -126,6 +126,19 @@ class OperationKind(enum.IntEnum):
     REVERSAL = 2
 
 
+class ProductKind(enum.IntEnum):
+    """A pass or ticket, stored in ``card_products.kind``; the names, lowercased,
+    are the rules file's ``kind`` values."""
+
+    SEASON = 0  # every tap at its group, from its first day to its last
+    MULTI_RIDE = 1  # a number of taps at its group, no end date
+
+    @property
+    def code(self) -> str:
+        """The rules file's name for it: "season" or "multi_ride"."""
+        return self.name.lower()
+
+
 class ServiceKind(enum.IntEnum):
     """How a service charges. Stored in ``services.kind``, set by the rules file."""
 

@@ -146,12 +146,12 @@ ADMIN_POOL_ACQUIRE_S = 5.0
 # While the database is away the writer retries with backoff and answers
 # BUSY_RETRY when a batch fails; 10 s bounds the wait when neither happens,
 # and the top-up is then retried safely with the same sequence.
-ADMIN_TOPUP_WAIT_S = 10.0
+ADMIN_REQUEST_WAIT_S = 10.0
 
 # Card-office top-ups whose event time is remembered, so that a retry of one
 # still in flight carries the same content and joins it instead of being
 # answered SEQUENCE_REUSED. A desk makes a few a minute; 1,024 is hours.
-ADMIN_TOPUPS_REMEMBERED = 1024
+ADMIN_REQUESTS_REMEMBERED = 1024
 
 # A change committed while the in-memory city could not be refreshed (the
 # database went away between the two) is re-read this often until it lands:

@@ -55,20 +55,15 @@ class CompiledPolicy:
         state.renewal_window_days = self.renewal_window_days
 
 
-def compile_policy(
-    rules: Rules, service_ids: Mapping[str, int], group_id: Callable[[str], int] | None = None
-) -> CompiledPolicy:
+def compile_policy(rules: Rules, service_ids: Mapping[str, int], group_id: Callable[[str], int]) -> CompiledPolicy:
     """The fast path's view of ``rules``; ``service_ids`` maps codes to ids,
     ``group_id`` service group codes to the numbers products hold
-    (``CityState.group_id``; by default, numbers in order of appearance).
+    (``CityState.group_id``).
 
     Raises RulesError when the version needs more cap groups than the engine
     keeps per card (fastpath.CAP_GROUPS_MAX).
     """
     compiled = CompiledPolicy()
-    if group_id is None:
-        numbers: dict[str, int] = {}
-        group_id = lambda code: numbers.setdefault(code, len(numbers))  # noqa: E731
     for number, cap in enumerate(rules.caps):
         if number >= fastpath.CAP_GROUPS_MAX:
             raise RulesError(f"at most {fastpath.CAP_GROUPS_MAX} capped groups, the rules have {len(rules.caps)}")

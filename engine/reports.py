@@ -41,7 +41,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from engine.codes import ResultCode
+from engine.codes import ProductKind, ResultCode
 
 # Reports count tap records by the day they were recorded in UTC: the
 # database's clock is unambiguous, with no day of 23 or 25 hours.
@@ -201,7 +201,6 @@ SELECT coalesce(s.product_code, u.product_code) AS product, coalesce(s.kind, u.k
 FROM sold s FULL JOIN used u ON u.product_code = s.product_code AND u.kind = s.kind
 ORDER BY 1, 2
 """
-_PRODUCT_KIND_NAMES = {0: "season", 1: "multi_ride"}
 
 _FIGURE_COLUMNS = ("uses", "fare_cents", "refund_cents", "topups", "topup_cents", "topup_reversed_cents")
 
@@ -300,7 +299,7 @@ async def daily_report(conn: asyncpg.Connection, day: datetime.date) -> DailyRep
         products=[
             ProductSales(
                 product=row["product"],
-                kind=_PRODUCT_KIND_NAMES.get(row["kind"], str(row["kind"])),
+                kind=ProductKind(row["kind"]).code,
                 sold=int(row["sold"]),
                 price_cents=int(row["price_cents"]),
                 uses=int(row["uses"]),

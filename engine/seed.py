@@ -40,7 +40,7 @@ from pathlib import Path
 
 import asyncpg
 
-from engine.codes import CardStatus, TerminalKind
+from engine.codes import CardStatus, ProductKind, TerminalKind
 from engine.limits import BALANCE_MAX_CENTS, DB_COMMAND_TIMEOUT_S
 from engine.rules import Rules, read_rules_file, write_rules
 
@@ -427,7 +427,7 @@ def _products(
                 days = product.days or 1
                 valid_from = today - datetime.timedelta(days=rng.randrange(days))
                 valid_until = valid_from + datetime.timedelta(days=days - 1)
-            kind = 0 if product.kind == "season" else 1
+            kind = int(ProductKind[product.kind.upper()])
             rows.append(
                 (
                     account_id,

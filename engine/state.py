@@ -46,11 +46,6 @@ from engine.limits import OFFICE_REFUND_WINDOW_S
 # A fare of -1 in the tariff table means "this profile is not served here".
 NO_FARE = -1
 
-# Rows fetched per round trip while loading the city: large enough that the
-# round trips do not matter (500 for 10 million cards), small enough that a
-# batch of records is a few megabytes.
-LOAD_PREFETCH_ROWS = 20_000
-
 # Profiles are small integers (schema: 0 <= id < 64), so a service's fares are
 # a 64-slot row indexed by profile.
 PROFILES_MAX = 64
@@ -352,20 +347,14 @@ class CityState:
         rides: int,
         rides_used: int,
     ) -> Product:
-        """Hold a product (a card_products row) for its account; ``valid`` is a
-        season pass's first and last day, ``rides`` a ticket's rides."""
+        """Hold a new product (a card_products row) for its account; ``valid``
+        is a season pass's first and last day, ``rides`` a ticket's rides."""
         first_day, last_day = (day_number(valid[0]), day_number(valid[1])) if valid is not None else (0, -1)
-        product = Product(product_id, kind, self.group_id(group_code), first_day, last_day, rides, rides_used)
-        position = self.account_position[account_id]
-        held = self.products.get(position)
-        if held is None:
-            held = self.products[position] = []
-        previous = self.product_by_id.get(product_id)
-        if previous is not None:
-            held.remove(previous)
-        held.append(product)
-        self.product_by_id[product_id] = product
-        return product
+        self.add_products(
+            [product_id], [account_id], [kind], [self.group_id(group_code)], [first_day], [last_day], [rides],
+            [rides_used],
+        )  # fmt: skip
+        return self.product_by_id[product_id]
 
     def add_products(
         self,

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import fastpath
-from engine.codes import OperationKind, ResultCode, TapInfo
+from engine.codes import OperationKind, ProductKind, ResultCode, TapInfo
 from engine.limits import OFFICE_REFUND_WINDOW_S, REVERSAL_WINDOW_S
 from engine.processor import Processor
 from engine.state import CityState
@@ -100,6 +100,11 @@ def reverse(
     )  # fmt: skip
     fp.decide_reversal(city, city.terminals[at_terminal], d, recorded, False, window_ms)
     return d
+
+
+def test_the_twins_number_products_as_the_record_does(fp: ModuleType) -> None:
+    assert (fp.PRODUCT_SEASON, fp.PRODUCT_MULTI_RIDE) == (ProductKind.SEASON, ProductKind.MULTI_RIDE)
+    assert [kind.code for kind in ProductKind] == ["season", "multi_ride"]  # the rules file's kinds
 
 
 # --- season passes -----------------------------------------------------------------------
