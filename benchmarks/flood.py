@@ -139,9 +139,7 @@ async def run_flood(
         if index < args.idle:
             tasks.append(asyncio.create_task(hold_idle(engine_host, engine_port, connection)))
         else:
-            tasks.append(
-                asyncio.create_task(hold_slow(engine_host, engine_port, connection, args.slow_interval))
-            )
+            tasks.append(asyncio.create_task(hold_slow(engine_host, engine_port, connection, args.slow_interval)))
         if index % OPEN_BATCH == OPEN_BATCH - 1:
             await asyncio.sleep(0.01)
     histogram = new_latency_histogram()
@@ -194,9 +192,7 @@ async def prepare_city(dsn: str) -> dict[str, object]:
         await migrate(conn)
         if int(await conn.fetchval("SELECT count(*) FROM cards")) == 0:
             await seed_city(conn, CITY_CARDS)
-        terminal = next(
-            t for t in await list_terminals(conn) if t.kind == TerminalKind.VALIDATOR and t.status == 0
-        )
+        terminal = next(t for t in await list_terminals(conn) if t.kind == TerminalKind.VALIDATOR and t.status == 0)
         cards = [card.uid for card in await sample_cards(conn, CITY_CARDS) if card.balance_cents > 0]
         version = str(await conn.fetchval("SHOW server_version"))
     finally:

@@ -36,6 +36,7 @@ import argparse
 import bisect
 import itertools
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -89,13 +90,23 @@ def use_realtime_scheduler() -> str:
     return "fifo"
 
 
+# Set by SIGTERM in the probe's child process: stop early, report what was probed.
+_stop_requested = False
+
+
+def _request_stop(_signum: int, _frame: object) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
 def probe(seconds: float) -> list[tuple[int, int]]:
-    """Run the probe for ``seconds``; return (start_ns, duration_ns) of every unit."""
+    """Run the probe for ``seconds`` (or until SIGTERM in the child); return
+    (start_ns, duration_ns) of every unit."""
     units: list[tuple[int, int]] = []
     end = time.perf_counter_ns() + int(seconds * 1e9)
     while True:
         started = time.perf_counter_ns()
-        if started >= end:
+        if started >= end or _stop_requested:
             return units
         _work_unit()
         units.append((started, time.perf_counter_ns() - started))
@@ -181,6 +192,11 @@ class ProbeProcess:
             stdout=subprocess.PIPE,
         )
 
+    def stop(self) -> None:
+        """Ask the probe to end now: ``result()`` then has what it probed so far."""
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+
     def result(self) -> Stalls:
         output, _ = self._process.communicate()
         if self._process.returncode != 0:
@@ -201,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", type=float, help=argparse.SUPPRESS)  # the child: raw units on stdout
     args = parser.parse_args(argv)
     if args.probe is not None:
+        signal.signal(signal.SIGTERM, _request_stop)
         scheduler = use_realtime_scheduler()
         sys.stdout.buffer.write(orjson.dumps({"scheduler": scheduler, "units": probe(args.probe)}))
         return 0

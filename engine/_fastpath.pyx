@@ -67,6 +67,7 @@ __all__ = [
     "CAP_MONTH_TOTAL",
     "CARD_STATUS_ACTIVE",
     "CARD_STATUS_BLOCKED",
+    "COUNTED_LAYOUTS",
     "ENGINE_PROOF_LABEL",
     "ERROR_BODY_MIN_BYTES",
     "ERROR_TEXT_MAX_BYTES",
@@ -90,8 +91,13 @@ __all__ = [
     "ERR_UNSUPPORTED_VERSION",
     "FLAG_SEALED",
     "FRAME_HEADER_BYTES",
+    "HOTLIST_FLAG_FULL",
+    "HOTLIST_FLAG_MORE",
+    "HOTLIST_PAGE_ENTRIES_MAX",
     "INFO_CAPPED",
     "INFO_CONCESSION_NOT_VALID",
+    "INFO_OFFLINE",
+    "INFO_OFFLINE_DIFFERS",
     "INFO_PASS_USED",
     "INFO_REFUNDED",
     "INFO_RENEWAL_DUE",
@@ -110,9 +116,16 @@ __all__ = [
     "MSG_CHALLENGE",
     "MSG_ERROR",
     "MSG_HELLO",
+    "MSG_HOTLIST",
+    "MSG_HOTLIST_REQUEST",
+    "MSG_NOTICE",
+    "MSG_OFFLINE_RESULT",
+    "MSG_OFFLINE_UPLOAD",
     "MSG_PING",
     "MSG_PONG",
     "MSG_REVERSAL",
+    "MSG_RULES",
+    "MSG_RULES_REQUEST",
     "MSG_TAP",
     "MSG_TAP_RESULT",
     "MSG_TOPUP",
@@ -126,6 +139,8 @@ __all__ = [
     "NO_GROUP",
     "NO_PRODUCT",
     "NO_PROFILE",
+    "NO_RESULT",
+    "OFFLINE_TAPS_PER_UPLOAD_MAX",
     "OPERATION_REVERSAL",
     "OPERATION_TAP",
     "OPERATION_TOPUP",
@@ -160,6 +175,7 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "RULES_FARES_MAX",
     "SEAL_COUNTER_BYTES",
     "SEAL_TAG_BYTES",
     "SEAL_TRAILER_BYTES",
@@ -172,6 +188,7 @@ __all__ = [
     "SETTING_SHOW_ID_PERMILLE",
     "SETTING_TRANSFER_PERCENT_OFF",
     "SETTING_TRANSFER_WINDOW_MS",
+    "SIGNATURE_BYTES",
     "STANDARD_PROFILE",
     "TAP_FLAGS_KNOWN",
     "TAP_FLAG_EXIT",
@@ -193,9 +210,16 @@ __all__ = [
     "decode_challenge",
     "decode_error",
     "decode_hello",
+    "decode_hotlist",
+    "decode_hotlist_request",
+    "decode_notice",
+    "decode_offline_result",
+    "decode_offline_upload",
     "decode_ping",
     "decode_pong",
     "decode_reversal",
+    "decode_rules",
+    "decode_rules_request",
     "decode_tap",
     "decode_tap_result",
     "decode_topup",
@@ -206,9 +230,16 @@ __all__ = [
     "encode_challenge",
     "encode_error",
     "encode_hello",
+    "encode_hotlist",
+    "encode_hotlist_request",
+    "encode_notice",
+    "encode_offline_result",
+    "encode_offline_upload",
     "encode_ping",
     "encode_pong",
     "encode_reversal",
+    "encode_rules",
+    "encode_rules_request",
     "encode_tap",
     "encode_tap_result",
     "encode_topup",
@@ -247,6 +278,18 @@ cpdef enum:
     SEAL_COUNTER_BYTES = 8
     SEAL_TAG_BYTES = 16
     SEAL_TRAILER_BYTES = SEAL_COUNTER_BYTES + SEAL_TAG_BYTES
+    # Lists for terminals that work offline (docs/protocol.md, "Hot list,
+    # rules and offline taps"): each HOTLIST and RULES body ends with an
+    # Ed25519 signature; the most entries one frame carries, as in
+    # engine/limits.py.
+    SIGNATURE_BYTES = 64
+    HOTLIST_PAGE_ENTRIES_MAX = 1800
+    RULES_FARES_MAX = 64
+    OFFLINE_TAPS_PER_UPLOAD_MAX = 256
+    # HOTLIST flags: the entries are the whole list (from after_uid on),
+    # not changes; more entries follow in another page.
+    HOTLIST_FLAG_FULL = 0x01
+    HOTLIST_FLAG_MORE = 0x02
 
 cpdef enum:
     # Message types (engine.codes.MessageType).
@@ -260,6 +303,13 @@ cpdef enum:
     MSG_TAP_RESULT = 0x13
     MSG_PING = 0x20
     MSG_PONG = 0x21
+    MSG_HOTLIST_REQUEST = 0x30
+    MSG_HOTLIST = 0x31
+    MSG_RULES_REQUEST = 0x32
+    MSG_RULES = 0x33
+    MSG_NOTICE = 0x34
+    MSG_OFFLINE_UPLOAD = 0x40
+    MSG_OFFLINE_RESULT = 0x41
     MSG_ERROR = 0x7F
 
 cpdef enum:
@@ -315,10 +365,31 @@ cdef enum:
     _REVERSAL_BODY = 24  # seq u64, original_seq u64, time u64
     _TAP_RESULT_BODY = 23  # seq u64, result u8, amount i32, balance i64, info u16
     _PING_BODY = 8  # payload u64
-    # _body_size() answers for a type that is not a message type at all, and
-    # for ERROR, whose body size depends on its text_length field.
+    _HOTLIST_REQUEST_BODY = 16  # since_version u64, after_uid u64
+    _RULES_REQUEST_BODY = 4  # rules_version u32
+    _NOTICE_BODY = 12  # hotlist_version u64, rules_version u32
+    # Counted bodies: a head (with a u16 count), count entries, a tail.
+    _HOTLIST_HEAD = 27  # flags u8, since_version u64, version u64, after_uid u64, count u16
+    _HOTLIST_COUNT_AT = 25
+    _HOTLIST_ENTRY = 9  # card_uid u64, reason u8
+    # rules_version u32, service_id u16, service_kind u8,
+    # min_balance_to_enter_cents u32, tolerated_negative_cents u32,
+    # passback_window_s u32, max_charge_cents u32, transfer_window_minutes
+    # u16, transfer_percent_off u8, cap_daily_cents i32, cap_monthly_cents
+    # i32, count u16
+    _RULES_HEAD = 36
+    _RULES_COUNT_AT = 34
+    _RULES_FARE = 5  # profile_id u8, fare_cents u32
+    _COUNT_BYTES = 2  # the u16 count that heads an upload and its result
+    # seq u64, uid u64, counter u32, time u64, tap_flags u8, rules_version
+    # u32, result u8, amount u32
+    _OFFLINE_TAP = 38
+    # _body_size() answers for a type that is not a message type at all, for
+    # ERROR, whose body size depends on its text_length field, and for the
+    # counted bodies (COUNTED_LAYOUTS).
     _UNKNOWN_TYPE = -1
     _VARIABLE_SIZE = -2
+    _COUNTED_SIZE = -3
     # FrameReader._frame_size() outcomes besides a frame size.
     _NEED_MORE = -1
     _VIOLATION = -2
@@ -335,6 +406,20 @@ BODY_SIZES = {
     MSG_TAP_RESULT: _TAP_RESULT_BODY,
     MSG_PING: _PING_BODY,
     MSG_PONG: _PING_BODY,
+    MSG_HOTLIST_REQUEST: _HOTLIST_REQUEST_BODY,
+    MSG_RULES_REQUEST: _RULES_REQUEST_BODY,
+    MSG_NOTICE: _NOTICE_BODY,
+}
+
+# The bodies sized by a count of entries: (head bytes, offset of the u16
+# count in the head, bytes per entry, tail bytes after the entries, most
+# entries). The body is exactly head + count * entry + tail bytes.
+COUNTED_LAYOUTS = {
+    MSG_HOTLIST: (_HOTLIST_HEAD, _HOTLIST_COUNT_AT, _HOTLIST_ENTRY, SIGNATURE_BYTES,
+                  HOTLIST_PAGE_ENTRIES_MAX),
+    MSG_RULES: (_RULES_HEAD, _RULES_COUNT_AT, _RULES_FARE, SIGNATURE_BYTES, RULES_FARES_MAX),
+    MSG_OFFLINE_UPLOAD: (_COUNT_BYTES, 0, _OFFLINE_TAP, 0, OFFLINE_TAPS_PER_UPLOAD_MAX),
+    MSG_OFFLINE_RESULT: (_COUNT_BYTES, 0, _TAP_RESULT_BODY, 0, OFFLINE_TAPS_PER_UPLOAD_MAX),
 }
 
 # Names for error text only: the hot path switches on the numbers.
@@ -349,6 +434,13 @@ _TYPE_NAMES = {
     MSG_TAP_RESULT: "TAP_RESULT",
     MSG_PING: "PING",
     MSG_PONG: "PONG",
+    MSG_HOTLIST_REQUEST: "HOTLIST_REQUEST",
+    MSG_HOTLIST: "HOTLIST",
+    MSG_RULES_REQUEST: "RULES_REQUEST",
+    MSG_RULES: "RULES",
+    MSG_NOTICE: "NOTICE",
+    MSG_OFFLINE_UPLOAD: "OFFLINE_UPLOAD",
+    MSG_OFFLINE_RESULT: "OFFLINE_RESULT",
     MSG_ERROR: "ERROR",
 }
 
@@ -487,7 +579,48 @@ cdef inline Py_ssize_t _body_size(int msg_type) noexcept nogil:
         return _PING_BODY
     if msg_type == MSG_ERROR:
         return _VARIABLE_SIZE
+    if msg_type == MSG_HOTLIST_REQUEST:
+        return _HOTLIST_REQUEST_BODY
+    if msg_type == MSG_RULES_REQUEST:
+        return _RULES_REQUEST_BODY
+    if msg_type == MSG_NOTICE:
+        return _NOTICE_BODY
+    if (msg_type == MSG_HOTLIST or msg_type == MSG_RULES
+            or msg_type == MSG_OFFLINE_UPLOAD or msg_type == MSG_OFFLINE_RESULT):
+        return _COUNTED_SIZE
     return _UNKNOWN_TYPE
+
+
+cdef struct _Counted:
+    # A counted body's layout (COUNTED_LAYOUTS).
+    Py_ssize_t head
+    Py_ssize_t count_at
+    Py_ssize_t entry
+    Py_ssize_t tail
+    Py_ssize_t most
+
+
+cdef inline _Counted _counted_layout(int msg_type) noexcept nogil:
+    cdef _Counted layout
+    if msg_type == MSG_HOTLIST:
+        layout.head = _HOTLIST_HEAD
+        layout.count_at = _HOTLIST_COUNT_AT
+        layout.entry = _HOTLIST_ENTRY
+        layout.tail = SIGNATURE_BYTES
+        layout.most = HOTLIST_PAGE_ENTRIES_MAX
+    elif msg_type == MSG_RULES:
+        layout.head = _RULES_HEAD
+        layout.count_at = _RULES_COUNT_AT
+        layout.entry = _RULES_FARE
+        layout.tail = SIGNATURE_BYTES
+        layout.most = RULES_FARES_MAX
+    else:
+        layout.head = _COUNT_BYTES
+        layout.count_at = 0
+        layout.entry = _OFFLINE_TAP if msg_type == MSG_OFFLINE_UPLOAD else _TAP_RESULT_BODY
+        layout.tail = 0
+        layout.most = OFFLINE_TAPS_PER_UPLOAD_MAX
+    return layout
 
 
 cdef object _body_length_error(
@@ -536,6 +669,41 @@ cdef object _error_body_error(
             ERR_BAD_BODY_LENGTH,
             f"ERROR body length {body_length}, expected"
             f" {ERROR_BODY_MIN_BYTES} + text length {text_length}",
+            request_id,
+        )
+    return None
+
+
+cdef object _counted_body_error(
+    int msg_type, const unsigned char* body, Py_ssize_t available,
+    Py_ssize_t body_length, uint32_t request_id,
+):
+    """Check a counted body's size (COUNTED_LAYOUTS) against its count field.
+
+    As _error_body_error: ``body`` holds ``available`` bytes of a body that
+    will be ``body_length`` long. The length alone must fit some count
+    (judged at once); once the count has arrived, the length must be
+    exactly that count's.
+    """
+    cdef _Counted layout = _counted_layout(msg_type)
+    cdef Py_ssize_t fixed = layout.head + layout.tail
+    cdef Py_ssize_t count
+    if (body_length < fixed or body_length > fixed + layout.most * layout.entry
+            or (body_length - fixed) % layout.entry):
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"{_TYPE_NAMES[msg_type]} body length {body_length}, expected"
+            f" {fixed} + {layout.entry} * count (count 0..{layout.most})",
+            request_id,
+        )
+    if available < layout.count_at + _COUNT_BYTES:
+        return None  # the count is not here yet; the reader waits for it
+    count = _be16(_take(body, available, layout.count_at, _COUNT_BYTES))
+    if body_length != fixed + count * layout.entry:
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"{_TYPE_NAMES[msg_type]} body length {body_length}, expected"
+            f" {fixed} + {layout.entry} * count {count}",
             request_id,
         )
     return None
@@ -741,6 +909,16 @@ cdef class FrameReader:
             if self.error is not None:
                 return _VIOLATION
             if available < FRAME_HEADER_BYTES + ERROR_BODY_MIN_BYTES:
+                return _NEED_MORE
+        elif expected == _COUNTED_SIZE:
+            self.error = _counted_body_error(
+                msg_type, p + FRAME_HEADER_BYTES,
+                min(available, LENGTH_PREFIX_BYTES + length) - FRAME_HEADER_BYTES,
+                body_length, request_id)
+            if self.error is not None:
+                return _VIOLATION
+            if (available < FRAME_HEADER_BYTES + _counted_layout(msg_type).count_at
+                    + _COUNT_BYTES):
                 return _NEED_MORE
         elif body_length != expected:
             self.error = _body_length_error(msg_type, body_length, request_id)
@@ -974,6 +1152,210 @@ def encode_error(request_id, code, text):
     return frame
 
 
+# --- Lists for offline terminals, and offline taps ----------------------------
+
+cdef object _entries(str name, object value, Py_ssize_t fields, Py_ssize_t most):
+    """A list of entries, each a tuple of ``fields`` values, at most ``most``."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list, not {type(value).__name__}")
+    if len(value) > most:
+        raise ValueError(f"{name} has {len(value)} entries, at most {most}")
+    for index, entry in enumerate(value):
+        if not isinstance(entry, (tuple, list)):
+            raise TypeError(
+                f"{name}[{index}] must be a tuple, not {type(entry).__name__}")
+        if len(entry) != fields:
+            raise ValueError(
+                f"{name}[{index}] must have {fields} fields, got {len(entry)}")
+    return value
+
+
+def encode_hotlist_request(request_id, since_version, after_uid):
+    """HOTLIST_REQUEST: the hot list's changes since ``since_version`` (0: the
+    whole list), continuing a whole list above ``after_uid``.
+
+    >>> decode_hotlist_request(encode_hotlist_request(1, 41, 0)[12:])
+    (41, 0)
+    """
+    _check_unsigned("since_version", since_version, _U64_MAX, "u64")
+    _check_unsigned("after_uid", after_uid, _U64_MAX, "u64")
+    cdef bytes frame = _new_frame(MSG_HOTLIST_REQUEST, request_id, _HOTLIST_REQUEST_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    _put64(p, <uint64_t>since_version)
+    _put64(p + 8, <uint64_t>after_uid)
+    return frame
+
+
+def encode_hotlist(request_id, flags, since_version, version, after_uid, entries,
+                   signature):
+    """HOTLIST: one signed page of the hot list, ``entries`` as (card_uid,
+    reason) pairs (reason 0: the card left the list).
+
+    >>> len(encode_hotlist(1, 0, 4, 5, 0, [(0x04A1, 1)], bytes(64)))
+    112
+    """
+    _check_unsigned("flags", flags, _U8_MAX, "u8")
+    _check_unsigned("since_version", since_version, _U64_MAX, "u64")
+    _check_unsigned("version", version, _U64_MAX, "u64")
+    _check_unsigned("after_uid", after_uid, _U64_MAX, "u64")
+    _entries("entries", entries, 2, HOTLIST_PAGE_ENTRIES_MAX)
+    cdef bytes signed = _check_fixed_bytes("signature", signature, SIGNATURE_BYTES)
+    cdef Py_ssize_t count = len(entries)
+    for card_uid, reason in entries:
+        _check_unsigned("card_uid", card_uid, _U64_MAX, "u64")
+        _check_unsigned("reason", reason, _U8_MAX, "u8")
+    cdef bytes frame = _new_frame(
+        MSG_HOTLIST, request_id, _HOTLIST_HEAD + count * _HOTLIST_ENTRY + SIGNATURE_BYTES)
+    cdef unsigned char* p = _frame_body(frame)
+    p[0] = <unsigned char>flags
+    _put64(p + 1, <uint64_t>since_version)
+    _put64(p + 9, <uint64_t>version)
+    _put64(p + 17, <uint64_t>after_uid)
+    _put16(p + _HOTLIST_COUNT_AT, <uint16_t>count)
+    p += _HOTLIST_HEAD
+    for card_uid, reason in entries:
+        _put64(p, <uint64_t>card_uid)
+        p[8] = <unsigned char>reason
+        p += _HOTLIST_ENTRY
+    memcpy(p, PyBytes_AS_STRING(signed), SIGNATURE_BYTES)
+    return frame
+
+
+def encode_rules_request(request_id, rules_version):
+    """RULES_REQUEST: the rules of the terminal's service, version
+    ``rules_version`` (0: the version in force)."""
+    _check_unsigned("rules_version", rules_version, _U32_MAX, "u32")
+    cdef bytes frame = _new_frame(MSG_RULES_REQUEST, request_id, _RULES_REQUEST_BODY)
+    _put32(_frame_body(frame), <uint32_t>rules_version)
+    return frame
+
+
+def encode_rules(
+    request_id, rules_version, service_id, service_kind,
+    min_balance_to_enter_cents, tolerated_negative_cents, passback_window_s,
+    max_charge_cents, transfer_window_minutes, transfer_percent_off,
+    cap_daily_cents, cap_monthly_cents, fares, signature,
+):
+    """RULES: what a terminal needs of one rules version to decide taps at
+    its service offline, ``fares`` as (profile_id, fare_cents) pairs, signed."""
+    _check_unsigned("rules_version", rules_version, _U32_MAX, "u32")
+    _check_unsigned("service_id", service_id, _U16_MAX, "u16")
+    _check_unsigned("service_kind", service_kind, _U8_MAX, "u8")
+    _check_unsigned("min_balance_to_enter_cents", min_balance_to_enter_cents,
+                    _U32_MAX, "u32")
+    _check_unsigned("tolerated_negative_cents", tolerated_negative_cents,
+                    _U32_MAX, "u32")
+    _check_unsigned("passback_window_s", passback_window_s, _U32_MAX, "u32")
+    _check_unsigned("max_charge_cents", max_charge_cents, _U32_MAX, "u32")
+    _check_unsigned("transfer_window_minutes", transfer_window_minutes,
+                    _U16_MAX, "u16")
+    _check_unsigned("transfer_percent_off", transfer_percent_off, _U8_MAX, "u8")
+    _check_signed("cap_daily_cents", cap_daily_cents, _I32_MIN, _I32_MAX, "i32")
+    _check_signed("cap_monthly_cents", cap_monthly_cents, _I32_MIN, _I32_MAX, "i32")
+    _entries("fares", fares, 2, RULES_FARES_MAX)
+    cdef bytes signed = _check_fixed_bytes("signature", signature, SIGNATURE_BYTES)
+    cdef Py_ssize_t count = len(fares)
+    for profile_id, fare_cents in fares:
+        _check_unsigned("profile_id", profile_id, _U8_MAX, "u8")
+        _check_unsigned("fare_cents", fare_cents, _U32_MAX, "u32")
+    cdef bytes frame = _new_frame(
+        MSG_RULES, request_id, _RULES_HEAD + count * _RULES_FARE + SIGNATURE_BYTES)
+    cdef unsigned char* p = _frame_body(frame)
+    _put32(p, <uint32_t>rules_version)
+    _put16(p + 4, <uint16_t>service_id)
+    p[6] = <unsigned char>service_kind
+    _put32(p + 7, <uint32_t>min_balance_to_enter_cents)
+    _put32(p + 11, <uint32_t>tolerated_negative_cents)
+    _put32(p + 15, <uint32_t>passback_window_s)
+    _put32(p + 19, <uint32_t>max_charge_cents)
+    _put16(p + 23, <uint16_t>transfer_window_minutes)
+    p[25] = <unsigned char>transfer_percent_off
+    _put32(p + 26, <uint32_t><int32_t>cap_daily_cents)
+    _put32(p + 30, <uint32_t><int32_t>cap_monthly_cents)
+    _put16(p + _RULES_COUNT_AT, <uint16_t>count)
+    p += _RULES_HEAD
+    for profile_id, fare_cents in fares:
+        p[0] = <unsigned char>profile_id
+        _put32(p + 1, <uint32_t>fare_cents)
+        p += _RULES_FARE
+    memcpy(p, PyBytes_AS_STRING(signed), SIGNATURE_BYTES)
+    return frame
+
+
+def encode_notice(request_id, hotlist_version, rules_version):
+    """NOTICE: the engine's hot list and rules versions now (sent unasked)."""
+    _check_unsigned("hotlist_version", hotlist_version, _U64_MAX, "u64")
+    _check_unsigned("rules_version", rules_version, _U32_MAX, "u32")
+    cdef bytes frame = _new_frame(MSG_NOTICE, request_id, _NOTICE_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    _put64(p, <uint64_t>hotlist_version)
+    _put32(p + 8, <uint32_t>rules_version)
+    return frame
+
+
+def encode_offline_upload(request_id, taps):
+    """OFFLINE_UPLOAD: taps a terminal decided while offline, each
+    (terminal_seq, card_uid, card_counter, event_time_ms, tap_flags,
+    rules_version, result, amount_cents).
+
+    >>> len(encode_offline_upload(1, [(7, 0x04A1, 3, 1767225601234, 0, 2, 0, 150)]))
+    52
+    """
+    _entries("taps", taps, 8, OFFLINE_TAPS_PER_UPLOAD_MAX)
+    cdef Py_ssize_t count = len(taps)
+    for seq, uid, counter, event_time_ms, tap_flags, rules_version, result, amount in taps:
+        _check_unsigned("terminal_seq", seq, _U64_MAX, "u64")
+        _check_unsigned("card_uid", uid, _U64_MAX, "u64")
+        _check_unsigned("card_counter", counter, _U32_MAX, "u32")
+        _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
+        _check_unsigned("tap_flags", tap_flags, _U8_MAX, "u8")
+        _check_unsigned("rules_version", rules_version, _U32_MAX, "u32")
+        _check_unsigned("result", result, _U8_MAX, "u8")
+        _check_unsigned("amount_cents", amount, _U32_MAX, "u32")
+    cdef bytes frame = _new_frame(
+        MSG_OFFLINE_UPLOAD, request_id, _COUNT_BYTES + count * _OFFLINE_TAP)
+    cdef unsigned char* p = _frame_body(frame)
+    _put16(p, <uint16_t>count)
+    p += _COUNT_BYTES
+    for seq, uid, counter, event_time_ms, tap_flags, rules_version, result, amount in taps:
+        _put64(p, <uint64_t>seq)
+        _put64(p + 8, <uint64_t>uid)
+        _put32(p + 16, <uint32_t>counter)
+        _put64(p + 20, <uint64_t>event_time_ms)
+        p[28] = <unsigned char>tap_flags
+        _put32(p + 29, <uint32_t>rules_version)
+        p[33] = <unsigned char>result
+        _put32(p + 34, <uint32_t>amount)
+        p += _OFFLINE_TAP
+    return frame
+
+
+def encode_offline_result(request_id, results):
+    """OFFLINE_RESULT: the answer to an OFFLINE_UPLOAD, one (terminal_seq,
+    result, amount_cents, balance_cents, info) per tap, in upload order."""
+    _entries("results", results, 5, OFFLINE_TAPS_PER_UPLOAD_MAX)
+    cdef Py_ssize_t count = len(results)
+    for seq, result, amount, balance, info in results:
+        _check_unsigned("terminal_seq", seq, _U64_MAX, "u64")
+        _check_unsigned("result", result, _U8_MAX, "u8")
+        _check_signed("amount_cents", amount, _I32_MIN, _I32_MAX, "i32")
+        _check_signed("balance_cents", balance, _I64_MIN, _I64_MAX, "i64")
+        _check_unsigned("info", info, _U16_MAX, "u16")
+    cdef bytes frame = _new_frame(
+        MSG_OFFLINE_RESULT, request_id, _COUNT_BYTES + count * _TAP_RESULT_BODY)
+    cdef unsigned char* p = _frame_body(frame)
+    _put16(p, <uint16_t>count)
+    p += _COUNT_BYTES
+    for seq, result, amount, balance, info in results:
+        _put64(p, <uint64_t>seq)
+        p[8] = <unsigned char>result
+        _put32(p + 9, <uint32_t><int32_t>amount)
+        _put64(p + 13, <uint64_t><int64_t>balance)
+        _put16(p + 21, <uint16_t>info)
+        p += _TAP_RESULT_BODY
+    return frame
+
+
 # =============================================================================
 # Decoding. Decoders take a body as FrameReader returns it. The reader has
 # already checked its length, but a decoder handed a body directly checks
@@ -1087,6 +1469,108 @@ def decode_error(body):
         p[0],
         (<const char*>p)[ERROR_BODY_MIN_BYTES:size].decode("utf-8", "replace"),
     )
+
+
+cdef const unsigned char* _counted_body(
+    int msg_type, bytes data, Py_ssize_t* count,
+) except NULL:
+    """A counted body (COUNTED_LAYOUTS) checked whole: its bytes, and its count."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    error = _counted_body_error(msg_type, p, size, size, 0)
+    if error is not None:
+        raise error
+    cdef _Counted layout = _counted_layout(msg_type)
+    count[0] = _be16(_take(p, size, layout.count_at, _COUNT_BYTES))
+    return _take(p, size, 0, layout.head + count[0] * layout.entry + layout.tail)
+
+
+def decode_hotlist_request(body):
+    """HOTLIST_REQUEST body -> (since_version, after_uid)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const unsigned char* p = _fixed_body(MSG_HOTLIST_REQUEST, data)
+    return (_be64(p), _be64(p + 8))
+
+
+def decode_hotlist(body):
+    """HOTLIST body -> (flags, since_version, version, after_uid, entries,
+    signature); the signature covers ``body[:-SIGNATURE_BYTES]``."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef Py_ssize_t count, _index
+    cdef const unsigned char* p = _counted_body(MSG_HOTLIST, data, &count)
+    cdef const unsigned char* entry = p + _HOTLIST_HEAD
+    cdef list entries = []
+    for _index in range(count):
+        entries.append((_be64(entry), entry[8]))
+        entry += _HOTLIST_ENTRY
+    return (p[0], _be64(p + 1), _be64(p + 9), _be64(p + 17), entries,
+            PyBytes_FromStringAndSize(<char*>entry, SIGNATURE_BYTES))
+
+
+def decode_rules_request(body):
+    """RULES_REQUEST body -> rules_version."""
+    cdef bytes data = _as_bytes(body, "body")
+    return _be32(_fixed_body(MSG_RULES_REQUEST, data))
+
+
+def decode_rules(body):
+    """RULES body -> (rules_version, service_id, service_kind,
+    min_balance_to_enter_cents, tolerated_negative_cents, passback_window_s,
+    max_charge_cents, transfer_window_minutes, transfer_percent_off,
+    cap_daily_cents, cap_monthly_cents, fares, signature); the signature
+    covers ``body[:-SIGNATURE_BYTES]``."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef Py_ssize_t count, _index
+    cdef const unsigned char* p = _counted_body(MSG_RULES, data, &count)
+    cdef const unsigned char* fare = p + _RULES_HEAD
+    cdef list fares = []
+    for _index in range(count):
+        fares.append((fare[0], _be32(fare + 1)))
+        fare += _RULES_FARE
+    return (
+        _be32(p), _be16(p + 4), p[6], _be32(p + 7), _be32(p + 11),
+        _be32(p + 15), _be32(p + 19), _be16(p + 23), p[25],
+        <int32_t>_be32(p + 26), <int32_t>_be32(p + 30), fares,
+        PyBytes_FromStringAndSize(<char*>fare, SIGNATURE_BYTES),
+    )
+
+
+def decode_notice(body):
+    """NOTICE body -> (hotlist_version, rules_version)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const unsigned char* p = _fixed_body(MSG_NOTICE, data)
+    return (_be64(p), _be32(p + 8))
+
+
+def decode_offline_upload(body):
+    """OFFLINE_UPLOAD body -> taps, each (terminal_seq, card_uid,
+    card_counter, event_time_ms, tap_flags, rules_version, result,
+    amount_cents)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef Py_ssize_t count, _index
+    cdef const unsigned char* p = _counted_body(MSG_OFFLINE_UPLOAD, data, &count)
+    cdef list taps = []
+    p += _COUNT_BYTES
+    for _index in range(count):
+        taps.append((_be64(p), _be64(p + 8), _be32(p + 16), _be64(p + 20), p[28],
+                     _be32(p + 29), p[33], _be32(p + 34)))
+        p += _OFFLINE_TAP
+    return taps
+
+
+def decode_offline_result(body):
+    """OFFLINE_RESULT body -> results, each (terminal_seq, result,
+    amount_cents, balance_cents, info)."""
+    cdef bytes data = _as_bytes(body, "body")
+    cdef Py_ssize_t count, _index
+    cdef const unsigned char* p = _counted_body(MSG_OFFLINE_RESULT, data, &count)
+    cdef list results = []
+    p += _COUNT_BYTES
+    for _index in range(count):
+        results.append((_be64(p), p[8], <int32_t>_be32(p + 9),
+                        <int64_t>_be64(p + 13), _be16(p + 21)))
+        p += _TAP_RESULT_BODY
+    return results
 
 
 # =============================================================================
@@ -1436,6 +1920,12 @@ cpdef enum:
     INFO_PASS_USED = 0x20
     INFO_SHARING_SUSPECTED = 0x40
     INFO_REFUNDED = 0x80
+    # A tap its terminal decided offline and uploaded later; and one the
+    # engine's own ladder would have decided otherwise (engine.codes.TapInfo).
+    INFO_OFFLINE = 0x100
+    INFO_OFFLINE_DIFFERS = 0x200
+    # Decision.online_result of a tap decided online: no second opinion.
+    NO_RESULT = -1
     # A service charged by the hour (engine.codes.ServiceKind.PER_DURATION).
     SERVICE_PER_DURATION = 1
     MS_PER_HOUR = 3600000
@@ -1527,6 +2017,7 @@ cdef class Decision:
     cdef public int64_t product_rides
     cdef public int64_t original_terminal
     cdef public int64_t cap_given_back
+    cdef public int64_t online_result
     cdef public list waiters
 
     def __init__(
@@ -1580,20 +2071,26 @@ cdef class Decision:
         self.original_terminal = terminal_id
         # A reversal's fare taken off the cap totals: CAP_DAY_TOTAL | CAP_MONTH_TOTAL.
         self.cap_given_back = 0
+        # A tap decided offline by its terminal: what the engine's own
+        # ladder decided of it at upload (NO_RESULT: decided online).
+        self.online_result = NO_RESULT
         self.waiters = []
 
     def fingerprint(self):
         """The request's content: a retry must match it exactly.
 
         A REVERSAL carries no card on the wire (its record names the card of
-        the original), so its card does not take part.
+        the original), so its card does not take part. A TAP's ``requested``
+        is what its terminal charged when it decided offline: the terminal's
+        decision, not part of the tap, so a tap recorded online and the
+        same tap uploaded from offline are one request.
         """
         return (
             self.kind,
             0 if self.kind == OPERATION_REVERSAL else self.card_uid,
             self.card_counter,
             self.tap_flags,
-            self.requested,
+            0 if self.kind == OPERATION_TAP else self.requested,
             self.event_time_ms,
             self.original_seq,
             self.original_terminal if self.kind == OPERATION_REVERSAL else -1,
@@ -2486,9 +2983,10 @@ cdef str _literal(list values):
 
 def encode_batch(batch_id, list batch not None, account_ids,
                  transfers_per_batch):
-    """The commit statement's 32 arguments for one batch.
+    """The commit statement's 33 arguments for one batch.
 
-    Per decision, one row of the tap record (20 columns). Per account, the
+    Per decision, one row of the tap record (21 columns, the last one
+    after the ledger's and the tickets' arrays). Per account, the
     sum of its movements (each account updated once, in id order). Per
     (ledger kind, service), one transfer whose entries are the per-account
     sums. Transfer ids are ``batch_id * transfers_per_batch + k``. Per
@@ -2520,6 +3018,7 @@ def encode_batch(batch_id, list batch not None, account_ids,
     cdef _ArrayLiteral rules_versions = _ArrayLiteral(n)
     cdef _ArrayLiteral product_ids = _ArrayLiteral(n)
     cdef _ArrayLiteral original_terminals = _ArrayLiteral(n)
+    cdef _ArrayLiteral online_results = _ArrayLiteral(n)
     cdef dict rides = {}
     cdef dict deltas = {}
     cdef dict transfers = {}
@@ -2563,6 +3062,10 @@ def encode_batch(batch_id, list batch not None, account_ids,
             original_terminals.add(d.original_terminal)
         else:
             original_terminals.add_null()
+        if d.online_result == NO_RESULT:
+            online_results.add_null()
+        else:
+            online_results.add(d.online_result)
         if d.product_rides and d.result == RESULT_APPROVED:
             rides[d.product_id] = rides.get(d.product_id, 0) + d.product_rides
         amount = d.amount
@@ -2589,6 +3092,7 @@ def encode_batch(batch_id, list batch not None, account_ids,
          product_ids.finish(), original_terminals.finish())) + (
         _literal([item[0] for item in ride_items]),
         _literal([item[1] for item in ride_items]),
+        online_results.finish(),
     )
 
 

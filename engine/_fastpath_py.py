@@ -41,6 +41,7 @@ __all__ = [
     "CAP_MONTH_TOTAL",
     "CARD_STATUS_ACTIVE",
     "CARD_STATUS_BLOCKED",
+    "COUNTED_LAYOUTS",
     "ENGINE_PROOF_LABEL",
     "ERROR_BODY_MIN_BYTES",
     "ERROR_TEXT_MAX_BYTES",
@@ -64,8 +65,13 @@ __all__ = [
     "ERR_UNSUPPORTED_VERSION",
     "FLAG_SEALED",
     "FRAME_HEADER_BYTES",
+    "HOTLIST_FLAG_FULL",
+    "HOTLIST_FLAG_MORE",
+    "HOTLIST_PAGE_ENTRIES_MAX",
     "INFO_CAPPED",
     "INFO_CONCESSION_NOT_VALID",
+    "INFO_OFFLINE",
+    "INFO_OFFLINE_DIFFERS",
     "INFO_PASS_USED",
     "INFO_REFUNDED",
     "INFO_RENEWAL_DUE",
@@ -84,9 +90,16 @@ __all__ = [
     "MSG_CHALLENGE",
     "MSG_ERROR",
     "MSG_HELLO",
+    "MSG_HOTLIST",
+    "MSG_HOTLIST_REQUEST",
+    "MSG_NOTICE",
+    "MSG_OFFLINE_RESULT",
+    "MSG_OFFLINE_UPLOAD",
     "MSG_PING",
     "MSG_PONG",
     "MSG_REVERSAL",
+    "MSG_RULES",
+    "MSG_RULES_REQUEST",
     "MSG_TAP",
     "MSG_TAP_RESULT",
     "MSG_TOPUP",
@@ -100,6 +113,8 @@ __all__ = [
     "NO_GROUP",
     "NO_PRODUCT",
     "NO_PROFILE",
+    "NO_RESULT",
+    "OFFLINE_TAPS_PER_UPLOAD_MAX",
     "OPERATION_REVERSAL",
     "OPERATION_TAP",
     "OPERATION_TOPUP",
@@ -134,6 +149,7 @@ __all__ = [
     "RESULT_SERVICE_NOT_ALLOWED",
     "RESULT_TERMINAL_NOT_ALLOWED",
     "RESULT_UNKNOWN_CARD",
+    "RULES_FARES_MAX",
     "SEAL_COUNTER_BYTES",
     "SEAL_TAG_BYTES",
     "SEAL_TRAILER_BYTES",
@@ -146,6 +162,7 @@ __all__ = [
     "SETTING_SHOW_ID_PERMILLE",
     "SETTING_TRANSFER_PERCENT_OFF",
     "SETTING_TRANSFER_WINDOW_MS",
+    "SIGNATURE_BYTES",
     "STANDARD_PROFILE",
     "TAP_FLAGS_KNOWN",
     "TAP_FLAG_EXIT",
@@ -167,9 +184,16 @@ __all__ = [
     "decode_challenge",
     "decode_error",
     "decode_hello",
+    "decode_hotlist",
+    "decode_hotlist_request",
+    "decode_notice",
+    "decode_offline_result",
+    "decode_offline_upload",
     "decode_ping",
     "decode_pong",
     "decode_reversal",
+    "decode_rules",
+    "decode_rules_request",
     "decode_tap",
     "decode_tap_result",
     "decode_topup",
@@ -180,9 +204,16 @@ __all__ = [
     "encode_challenge",
     "encode_error",
     "encode_hello",
+    "encode_hotlist",
+    "encode_hotlist_request",
+    "encode_notice",
+    "encode_offline_result",
+    "encode_offline_upload",
     "encode_ping",
     "encode_pong",
     "encode_reversal",
+    "encode_rules",
+    "encode_rules_request",
     "encode_tap",
     "encode_tap_result",
     "encode_topup",
@@ -218,6 +249,17 @@ FLAG_SEALED = 0x0001
 SEAL_COUNTER_BYTES = 8
 SEAL_TAG_BYTES = 16
 SEAL_TRAILER_BYTES = SEAL_COUNTER_BYTES + SEAL_TAG_BYTES
+# Lists for terminals that work offline (docs/protocol.md, "Hot list, rules
+# and offline taps"): each HOTLIST and RULES body ends with an Ed25519
+# signature; the most entries one frame carries, as in engine/limits.py.
+SIGNATURE_BYTES = 64
+HOTLIST_PAGE_ENTRIES_MAX = 1800
+RULES_FARES_MAX = 64
+OFFLINE_TAPS_PER_UPLOAD_MAX = 256
+# HOTLIST flags: the entries are the whole list (from after_uid on), not
+# changes; more entries follow in another page.
+HOTLIST_FLAG_FULL = 0x01
+HOTLIST_FLAG_MORE = 0x02
 
 # Message types (engine.codes.MessageType).
 MSG_HELLO = 0x01
@@ -230,6 +272,13 @@ MSG_REVERSAL = 0x12
 MSG_TAP_RESULT = 0x13
 MSG_PING = 0x20
 MSG_PONG = 0x21
+MSG_HOTLIST_REQUEST = 0x30
+MSG_HOTLIST = 0x31
+MSG_RULES_REQUEST = 0x32
+MSG_RULES = 0x33
+MSG_NOTICE = 0x34
+MSG_OFFLINE_UPLOAD = 0x40
+MSG_OFFLINE_RESULT = 0x41
 MSG_ERROR = 0x7F
 
 # Result codes (engine.codes.ResultCode), lowest wins.
@@ -283,6 +332,20 @@ _REVERSAL = struct.Struct(">QQQ")  # seq, original_seq, time
 _TAP_RESULT = struct.Struct(">QBiqH")  # seq, result, amount, balance, info
 _PING = struct.Struct(">Q")  # payload
 _ERROR_HEAD = struct.Struct(">BH")  # code, text_length
+_HOTLIST_REQUEST = struct.Struct(">QQ")  # since_version, after_uid
+_HOTLIST_HEAD = struct.Struct(">BQQQH")  # flags, since_version, version, after_uid, count
+_HOTLIST_ENTRY = struct.Struct(">QB")  # card_uid, reason
+_RULES_REQUEST = struct.Struct(">I")  # rules_version
+# rules_version, service_id, service_kind, min_balance_to_enter_cents,
+# tolerated_negative_cents, passback_window_s, max_charge_cents,
+# transfer_window_minutes, transfer_percent_off, cap_daily_cents,
+# cap_monthly_cents, count
+_RULES_HEAD = struct.Struct(">IHBIIIIHBiiH")
+_RULES_FARE = struct.Struct(">BI")  # profile_id, fare_cents
+_NOTICE = struct.Struct(">QI")  # hotlist_version, rules_version
+_COUNT = struct.Struct(">H")  # the entries of a counted body
+# seq, uid, counter, time, tap_flags, rules_version, result, amount
+_OFFLINE_TAP = struct.Struct(">QQIQBIBI")
 _TRANSCRIPT_HEAD = struct.Struct(">IH")  # terminal_id, key_version
 
 # The fixed body size of every message type but ERROR (see ERROR_BODY_MIN_BYTES).
@@ -297,18 +360,35 @@ BODY_SIZES = {
     MSG_TAP_RESULT: _TAP_RESULT.size,
     MSG_PING: _PING.size,
     MSG_PONG: _PING.size,
+    MSG_HOTLIST_REQUEST: _HOTLIST_REQUEST.size,
+    MSG_RULES_REQUEST: _RULES_REQUEST.size,
+    MSG_NOTICE: _NOTICE.size,
+}
+
+# The bodies sized by a count of entries: (head bytes, offset of the u16
+# count in the head, bytes per entry, tail bytes after the entries, most
+# entries). The body is exactly head + count * entry + tail bytes.
+COUNTED_LAYOUTS = {
+    MSG_HOTLIST: (_HOTLIST_HEAD.size, 25, _HOTLIST_ENTRY.size, SIGNATURE_BYTES, HOTLIST_PAGE_ENTRIES_MAX),
+    MSG_RULES: (_RULES_HEAD.size, 34, _RULES_FARE.size, SIGNATURE_BYTES, RULES_FARES_MAX),
+    MSG_OFFLINE_UPLOAD: (_COUNT.size, 0, _OFFLINE_TAP.size, 0, OFFLINE_TAPS_PER_UPLOAD_MAX),
+    MSG_OFFLINE_RESULT: (_COUNT.size, 0, _TAP_RESULT.size, 0, OFFLINE_TAPS_PER_UPLOAD_MAX),
 }
 
 # _BODY_SIZE[type]: the fixed body size, _VARIABLE_SIZE for ERROR (sized by
-# its text_length field), _UNKNOWN_TYPE for a byte that is no message type.
+# its text_length field), _COUNTED_SIZE for the COUNTED_LAYOUTS,
+# _UNKNOWN_TYPE for a byte that is no message type.
 # A private table indexed by the type byte: faster than a dict lookup, and
 # immune to a caller mutating the public BODY_SIZES.
 _UNKNOWN_TYPE = -1
 _VARIABLE_SIZE = -2
+_COUNTED_SIZE = -3
 _BODY_SIZE = [_UNKNOWN_TYPE] * 256
 for _type, _size in BODY_SIZES.items():
     _BODY_SIZE[_type] = _size
 _BODY_SIZE[MSG_ERROR] = _VARIABLE_SIZE
+for _type in COUNTED_LAYOUTS:
+    _BODY_SIZE[_type] = _COUNTED_SIZE
 del _type, _size
 
 # FrameReader._frame_size() outcomes besides a frame size.
@@ -327,6 +407,13 @@ _TYPE_NAMES = {
     MSG_TAP_RESULT: "TAP_RESULT",
     MSG_PING: "PING",
     MSG_PONG: "PONG",
+    MSG_HOTLIST_REQUEST: "HOTLIST_REQUEST",
+    MSG_HOTLIST: "HOTLIST",
+    MSG_RULES_REQUEST: "RULES_REQUEST",
+    MSG_RULES: "RULES",
+    MSG_NOTICE: "NOTICE",
+    MSG_OFFLINE_UPLOAD: "OFFLINE_UPLOAD",
+    MSG_OFFLINE_RESULT: "OFFLINE_RESULT",
     MSG_ERROR: "ERROR",
 }
 
@@ -446,6 +533,36 @@ def _error_body_error(
         return ProtocolError(
             ERR_BAD_BODY_LENGTH,
             f"ERROR body length {body_length}, expected {ERROR_BODY_MIN_BYTES} + text length {text_length}",
+            request_id,
+        )
+    return None
+
+
+def _counted_body_error(
+    msg_type: int, data: _Buffer, start: int, available: int, body_length: int, request_id: int
+) -> ProtocolError | None:
+    """Check a counted body's size (COUNTED_LAYOUTS) against its count field.
+
+    As _error_body_error: the body starts at data[start], ``available``
+    bytes of it are there, and it will be ``body_length`` long. The length
+    alone must fit some count (judged at once); once the count has arrived,
+    the length must be exactly that count's.
+    """
+    head, count_at, entry, tail, most = COUNTED_LAYOUTS[msg_type]
+    fixed = head + tail
+    if body_length < fixed or body_length > fixed + most * entry or (body_length - fixed) % entry:
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"{_TYPE_NAMES[msg_type]} body length {body_length}, expected {fixed} + {entry} * count (count 0..{most})",
+            request_id,
+        )
+    if available < count_at + _COUNT.size:
+        return None  # the count is not here yet; the reader waits for it
+    (count,) = _COUNT.unpack_from(data, _take(data, start + count_at, _COUNT.size))
+    if body_length != fixed + count * entry:
+        return ProtocolError(
+            ERR_BAD_BODY_LENGTH,
+            f"{_TYPE_NAMES[msg_type]} body length {body_length}, expected {fixed} + {entry} * count {count}",
             request_id,
         )
     return None
@@ -629,6 +746,19 @@ class FrameReader:
             if self._error is not None:
                 return _VIOLATION
             if available < FRAME_HEADER_BYTES + ERROR_BODY_MIN_BYTES:
+                return _NEED_MORE
+        elif expected == _COUNTED_SIZE:
+            self._error = _counted_body_error(
+                msg_type,
+                data,
+                pos + FRAME_HEADER_BYTES,
+                min(available, LENGTH_PREFIX_BYTES + length) - FRAME_HEADER_BYTES,
+                body_length,
+                request_id,
+            )
+            if self._error is not None:
+                return _VIOLATION
+            if available < FRAME_HEADER_BYTES + COUNTED_LAYOUTS[msg_type][1] + _COUNT.size:
                 return _NEED_MORE
         elif body_length != expected:
             self._error = _body_length_error(msg_type, body_length, request_id)
@@ -816,6 +946,180 @@ def encode_error(request_id: int, code: int, text: str) -> bytes:
     return _header(MSG_ERROR, request_id, body_size) + _ERROR_HEAD.pack(code, len(encoded)) + encoded
 
 
+# --- Lists for offline terminals, and offline taps ----------------------------
+
+
+def _entries(name: str, value: object, fields: int, most: int) -> list[Any] | tuple[Any, ...]:
+    """A list of entries, each a tuple of ``fields`` values, at most ``most``."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list, not {type(value).__name__}")
+    if len(value) > most:
+        raise ValueError(f"{name} has {len(value)} entries, at most {most}")
+    for index, entry in enumerate(value):
+        if not isinstance(entry, (tuple, list)):
+            raise TypeError(f"{name}[{index}] must be a tuple, not {type(entry).__name__}")
+        if len(entry) != fields:
+            raise ValueError(f"{name}[{index}] must have {fields} fields, got {len(entry)}")
+    return value
+
+
+def encode_hotlist_request(request_id: int, since_version: int, after_uid: int) -> bytes:
+    """HOTLIST_REQUEST: the hot list's changes since ``since_version`` (0: the
+    whole list), continuing a whole list above ``after_uid``.
+
+    >>> decode_hotlist_request(encode_hotlist_request(1, 41, 0)[12:])
+    (41, 0)
+    """
+    _check_unsigned("since_version", since_version, _U64_MAX, "u64")
+    _check_unsigned("after_uid", after_uid, _U64_MAX, "u64")
+    return _header(MSG_HOTLIST_REQUEST, request_id, _HOTLIST_REQUEST.size) + _HOTLIST_REQUEST.pack(
+        since_version, after_uid
+    )
+
+
+def encode_hotlist(
+    request_id: int,
+    flags: int,
+    since_version: int,
+    version: int,
+    after_uid: int,
+    entries: list[tuple[int, int]],
+    signature: bytes,
+) -> bytes:
+    """HOTLIST: one signed page of the hot list, ``entries`` as (card_uid,
+    reason) pairs (reason 0: the card left the list).
+
+    >>> len(encode_hotlist(1, 0, 4, 5, 0, [(0x04A1, 1)], bytes(64)))
+    112
+    """
+    _check_unsigned("flags", flags, _U8_MAX, "u8")
+    _check_unsigned("since_version", since_version, _U64_MAX, "u64")
+    _check_unsigned("version", version, _U64_MAX, "u64")
+    _check_unsigned("after_uid", after_uid, _U64_MAX, "u64")
+    _entries("entries", entries, 2, HOTLIST_PAGE_ENTRIES_MAX)
+    signed = _check_fixed_bytes("signature", signature, SIGNATURE_BYTES)
+    parts = [_HOTLIST_HEAD.pack(flags, since_version, version, after_uid, len(entries))]
+    for card_uid, reason in entries:
+        _check_unsigned("card_uid", card_uid, _U64_MAX, "u64")
+        _check_unsigned("reason", reason, _U8_MAX, "u8")
+        parts.append(_HOTLIST_ENTRY.pack(card_uid, reason))
+    parts.append(signed)
+    body = b"".join(parts)
+    return _header(MSG_HOTLIST, request_id, len(body)) + body
+
+
+def encode_rules_request(request_id: int, rules_version: int) -> bytes:
+    """RULES_REQUEST: the rules of the terminal's service, version
+    ``rules_version`` (0: the version in force)."""
+    _check_unsigned("rules_version", rules_version, _U32_MAX, "u32")
+    return _header(MSG_RULES_REQUEST, request_id, _RULES_REQUEST.size) + _RULES_REQUEST.pack(rules_version)
+
+
+def encode_rules(
+    request_id: int,
+    rules_version: int,
+    service_id: int,
+    service_kind: int,
+    min_balance_to_enter_cents: int,
+    tolerated_negative_cents: int,
+    passback_window_s: int,
+    max_charge_cents: int,
+    transfer_window_minutes: int,
+    transfer_percent_off: int,
+    cap_daily_cents: int,
+    cap_monthly_cents: int,
+    fares: list[tuple[int, int]],
+    signature: bytes,
+) -> bytes:
+    """RULES: what a terminal needs of one rules version to decide taps at
+    its service offline, ``fares`` as (profile_id, fare_cents) pairs, signed."""
+    _check_unsigned("rules_version", rules_version, _U32_MAX, "u32")
+    _check_unsigned("service_id", service_id, _U16_MAX, "u16")
+    _check_unsigned("service_kind", service_kind, _U8_MAX, "u8")
+    _check_unsigned("min_balance_to_enter_cents", min_balance_to_enter_cents, _U32_MAX, "u32")
+    _check_unsigned("tolerated_negative_cents", tolerated_negative_cents, _U32_MAX, "u32")
+    _check_unsigned("passback_window_s", passback_window_s, _U32_MAX, "u32")
+    _check_unsigned("max_charge_cents", max_charge_cents, _U32_MAX, "u32")
+    _check_unsigned("transfer_window_minutes", transfer_window_minutes, _U16_MAX, "u16")
+    _check_unsigned("transfer_percent_off", transfer_percent_off, _U8_MAX, "u8")
+    _check_signed("cap_daily_cents", cap_daily_cents, _I32_MIN, _I32_MAX, "i32")
+    _check_signed("cap_monthly_cents", cap_monthly_cents, _I32_MIN, _I32_MAX, "i32")
+    _entries("fares", fares, 2, RULES_FARES_MAX)
+    signed = _check_fixed_bytes("signature", signature, SIGNATURE_BYTES)
+    parts = [
+        _RULES_HEAD.pack(
+            rules_version,
+            service_id,
+            service_kind,
+            min_balance_to_enter_cents,
+            tolerated_negative_cents,
+            passback_window_s,
+            max_charge_cents,
+            transfer_window_minutes,
+            transfer_percent_off,
+            cap_daily_cents,
+            cap_monthly_cents,
+            len(fares),
+        )
+    ]
+    for profile_id, fare_cents in fares:
+        _check_unsigned("profile_id", profile_id, _U8_MAX, "u8")
+        _check_unsigned("fare_cents", fare_cents, _U32_MAX, "u32")
+        parts.append(_RULES_FARE.pack(profile_id, fare_cents))
+    parts.append(signed)
+    body = b"".join(parts)
+    return _header(MSG_RULES, request_id, len(body)) + body
+
+
+def encode_notice(request_id: int, hotlist_version: int, rules_version: int) -> bytes:
+    """NOTICE: the engine's hot list and rules versions now (sent unasked)."""
+    _check_unsigned("hotlist_version", hotlist_version, _U64_MAX, "u64")
+    _check_unsigned("rules_version", rules_version, _U32_MAX, "u32")
+    return _header(MSG_NOTICE, request_id, _NOTICE.size) + _NOTICE.pack(hotlist_version, rules_version)
+
+
+def encode_offline_upload(request_id: int, taps: list[tuple[int, int, int, int, int, int, int, int]]) -> bytes:
+    """OFFLINE_UPLOAD: taps a terminal decided while offline, each
+    (terminal_seq, card_uid, card_counter, event_time_ms, tap_flags,
+    rules_version, result, amount_cents).
+
+    >>> len(encode_offline_upload(1, [(7, 0x04A1, 3, 1767225601234, 0, 2, 0, 150)]))
+    52
+    """
+    _entries("taps", taps, 8, OFFLINE_TAPS_PER_UPLOAD_MAX)
+    parts = [_COUNT.pack(len(taps))]
+    for seq, uid, counter, event_time_ms, tap_flags, rules_version, result, amount_cents in taps:
+        _check_unsigned("terminal_seq", seq, _U64_MAX, "u64")
+        _check_unsigned("card_uid", uid, _U64_MAX, "u64")
+        _check_unsigned("card_counter", counter, _U32_MAX, "u32")
+        _check_unsigned("event_time_ms", event_time_ms, _U64_MAX, "u64")
+        _check_unsigned("tap_flags", tap_flags, _U8_MAX, "u8")
+        _check_unsigned("rules_version", rules_version, _U32_MAX, "u32")
+        _check_unsigned("result", result, _U8_MAX, "u8")
+        _check_unsigned("amount_cents", amount_cents, _U32_MAX, "u32")
+        parts.append(
+            _OFFLINE_TAP.pack(seq, uid, counter, event_time_ms, tap_flags, rules_version, result, amount_cents)
+        )
+    body = b"".join(parts)
+    return _header(MSG_OFFLINE_UPLOAD, request_id, len(body)) + body
+
+
+def encode_offline_result(request_id: int, results: list[tuple[int, int, int, int, int]]) -> bytes:
+    """OFFLINE_RESULT: the answer to an OFFLINE_UPLOAD, one (terminal_seq,
+    result, amount_cents, balance_cents, info) per tap, in upload order."""
+    _entries("results", results, 5, OFFLINE_TAPS_PER_UPLOAD_MAX)
+    parts = [_COUNT.pack(len(results))]
+    for seq, result, amount_cents, balance_cents, info in results:
+        _check_unsigned("terminal_seq", seq, _U64_MAX, "u64")
+        _check_unsigned("result", result, _U8_MAX, "u8")
+        _check_signed("amount_cents", amount_cents, _I32_MIN, _I32_MAX, "i32")
+        _check_signed("balance_cents", balance_cents, _I64_MIN, _I64_MAX, "i64")
+        _check_unsigned("info", info, _U16_MAX, "u16")
+        parts.append(_TAP_RESULT.pack(seq, result, amount_cents, balance_cents, info))
+    body = b"".join(parts)
+    return _header(MSG_OFFLINE_RESULT, request_id, len(body)) + body
+
+
 # =============================================================================
 # Decoding. Decoders take a body as FrameReader returns it. The reader has
 # already checked its length, but a decoder handed a body directly checks
@@ -901,6 +1205,78 @@ def decode_error(body: bytes) -> tuple[int, str]:
         raise error
     _take(data, 0, len(data))
     return (data[0], data[ERROR_BODY_MIN_BYTES:].decode("utf-8", "replace"))
+
+
+def _counted_body(msg_type: int, body: object) -> tuple[bytes, int]:
+    """A counted body (COUNTED_LAYOUTS) checked whole -> (data, count)."""
+    data = _as_bytes(body, "body")
+    error = _counted_body_error(msg_type, data, 0, len(data), len(data), 0)
+    if error is not None:
+        raise error
+    head, count_at, entry, tail, _most = COUNTED_LAYOUTS[msg_type]
+    (count,) = _COUNT.unpack_from(data, _take(data, count_at, _COUNT.size))
+    _take(data, 0, head + count * entry + tail)
+    return data, count
+
+
+def decode_hotlist_request(body: bytes) -> tuple[int, int]:
+    """HOTLIST_REQUEST body -> (since_version, after_uid)."""
+    since_version, after_uid = _HOTLIST_REQUEST.unpack(_fixed_body(MSG_HOTLIST_REQUEST, body))
+    return (since_version, after_uid)
+
+
+def decode_hotlist(body: bytes) -> tuple[int, int, int, int, list[tuple[int, int]], bytes]:
+    """HOTLIST body -> (flags, since_version, version, after_uid, entries,
+    signature); the signature covers ``body[:-SIGNATURE_BYTES]``."""
+    data, count = _counted_body(MSG_HOTLIST, body)
+    flags, since_version, version, after_uid, _count = _HOTLIST_HEAD.unpack_from(data, 0)
+    start = _HOTLIST_HEAD.size
+    entries = [_HOTLIST_ENTRY.unpack_from(data, start + index * _HOTLIST_ENTRY.size) for index in range(count)]
+    return (flags, since_version, version, after_uid, entries, data[len(data) - SIGNATURE_BYTES :])
+
+
+def decode_rules_request(body: bytes) -> int:
+    """RULES_REQUEST body -> rules_version."""
+    rules_version: int = _RULES_REQUEST.unpack(_fixed_body(MSG_RULES_REQUEST, body))[0]
+    return rules_version
+
+
+def decode_rules(
+    body: bytes,
+) -> tuple[int, int, int, int, int, int, int, int, int, int, int, list[tuple[int, int]], bytes]:
+    """RULES body -> (rules_version, service_id, service_kind,
+    min_balance_to_enter_cents, tolerated_negative_cents, passback_window_s,
+    max_charge_cents, transfer_window_minutes, transfer_percent_off,
+    cap_daily_cents, cap_monthly_cents, fares, signature); the signature
+    covers ``body[:-SIGNATURE_BYTES]``."""
+    data, count = _counted_body(MSG_RULES, body)
+    head = _RULES_HEAD.unpack_from(data, 0)
+    start = _RULES_HEAD.size
+    fares = [_RULES_FARE.unpack_from(data, start + index * _RULES_FARE.size) for index in range(count)]
+    return (*head[:-1], fares, data[len(data) - SIGNATURE_BYTES :])
+
+
+def decode_notice(body: bytes) -> tuple[int, int]:
+    """NOTICE body -> (hotlist_version, rules_version)."""
+    hotlist_version, rules_version = _NOTICE.unpack(_fixed_body(MSG_NOTICE, body))
+    return (hotlist_version, rules_version)
+
+
+def decode_offline_upload(body: bytes) -> list[tuple[int, int, int, int, int, int, int, int]]:
+    """OFFLINE_UPLOAD body -> taps, each (terminal_seq, card_uid,
+    card_counter, event_time_ms, tap_flags, rules_version, result,
+    amount_cents)."""
+    data, count = _counted_body(MSG_OFFLINE_UPLOAD, body)
+    size = _OFFLINE_TAP.size
+    return [_OFFLINE_TAP.unpack_from(data, _COUNT.size + index * size) for index in range(count)]
+
+
+def decode_offline_result(body: bytes) -> list[tuple[int, int, int, int, int]]:
+    """OFFLINE_RESULT body -> results, each (terminal_seq, result,
+    amount_cents, balance_cents, info)."""
+    data, count = _counted_body(MSG_OFFLINE_RESULT, body)
+    size = _TAP_RESULT.size
+    return [_TAP_RESULT.unpack_from(data, _COUNT.size + index * size) for index in range(count)]
 
 
 # =============================================================================
@@ -1112,6 +1488,12 @@ INFO_CAPPED = 0x10
 INFO_PASS_USED = 0x20
 INFO_SHARING_SUSPECTED = 0x40
 INFO_REFUNDED = 0x80
+# A tap its terminal decided offline and uploaded later; and one the
+# engine's own ladder would have decided otherwise (engine.codes.TapInfo).
+INFO_OFFLINE = 0x100
+INFO_OFFLINE_DIFFERS = 0x200
+# Decision.online_result of a tap decided online: there is no second opinion.
+NO_RESULT = -1
 # A service charged by the hour (engine.codes.ServiceKind.PER_DURATION).
 SERVICE_PER_DURATION = 1
 MS_PER_HOUR = 3600000
@@ -1189,6 +1571,7 @@ class Decision:
         "info",
         "kind",
         "ledger_kind",
+        "online_result",
         "original_seq",
         "original_terminal",
         "previous_counter",
@@ -1260,6 +1643,9 @@ class Decision:
         self.original_terminal = terminal_id
         # A reversal's fare taken off the cap totals: CAP_DAY_TOTAL | CAP_MONTH_TOTAL.
         self.cap_given_back = 0
+        # A tap decided offline by its terminal: what the engine's own
+        # ladder decided of it at upload (NO_RESULT: decided online).
+        self.online_result = NO_RESULT
         # (engine.decision.ReplyTarget, request_id) pairs.
         self.waiters: list[tuple[Any, int]] = []
 
@@ -1267,14 +1653,17 @@ class Decision:
         """The request's content: a retry must match it exactly.
 
         A REVERSAL carries no card on the wire (its record names the card of
-        the original), so its card does not take part.
+        the original), so its card does not take part. A TAP's ``requested``
+        is what its terminal charged when it decided offline: the terminal's
+        decision, not part of the tap, so a tap recorded online and the
+        same tap uploaded from offline are one request.
         """
         return (
             self.kind,
             0 if self.kind == OPERATION_REVERSAL else self.card_uid,
             self.card_counter,
             self.tap_flags,
-            self.requested,
+            0 if self.kind == OPERATION_TAP else self.requested,
             self.event_time_ms,
             self.original_seq,
             self.original_terminal if self.kind == OPERATION_REVERSAL else -1,
@@ -2026,9 +2415,10 @@ def _nullable_literal(values: list[int | None]) -> str:
 def encode_batch(
     batch_id: int, batch: list[Decision], account_ids: _array[int], transfers_per_batch: int
 ) -> tuple[object, ...]:
-    """The commit statement's 32 arguments for one batch.
+    """The commit statement's 33 arguments for one batch.
 
-    Per decision, one row of the tap record (20 columns). Per account, the
+    Per decision, one row of the tap record (21 columns, the last one
+    after the ledger's and the tickets' arrays). Per account, the
     sum of its movements (each account updated once, in id order). Per
     (ledger kind, service), one transfer whose entries are the per-account
     sums. Transfer ids are ``batch_id * transfers_per_batch + k``. Per
@@ -2041,7 +2431,7 @@ def encode_batch(
         raise TypeError(f"Argument 'batch' has incorrect type (expected list, got {type(batch).__name__})")
     ids = _int64_column(account_ids, "account_id")
     accounts = len(ids)
-    columns: list[list[int | None]] = [[] for _ in range(20)]
+    columns: list[list[int | None]] = [[] for _ in range(21)]
     (
         terminal_ids,
         seqs,
@@ -2063,6 +2453,7 @@ def encode_batch(
         rules_versions,
         product_ids,
         original_terminals,
+        online_results,
     ) = columns
     rides: dict[int, int] = {}
     deltas: dict[int, int] = {}
@@ -2096,6 +2487,7 @@ def encode_batch(
             original_terminals.append(d.original_terminal)
         else:
             original_terminals.append(None)
+        online_results.append(None if d.online_result == NO_RESULT else d.online_result)
         if d.product_rides and d.result == RESULT_APPROVED:
             rides[d.product_id] = rides.get(d.product_id, 0) + d.product_rides
         amount = d.amount
@@ -2130,7 +2522,7 @@ def encode_batch(
             entry_accounts.append(account_id)
             entry_amounts.append(cents)
     ride_items = sorted(item for item in rides.items() if item[1])
-    nullable = (7, 14, 16, 18, 19)
+    nullable = (7, 14, 16, 18, 19, 20)
     texts = tuple(
         _nullable_literal(column) if index in nullable else _literal(column)  # type: ignore[arg-type]
         for index, column in enumerate(columns)
@@ -2138,7 +2530,7 @@ def encode_batch(
     return (
         batch_id,
         len(batch),
-        *texts,
+        *texts[:20],
         _literal([item[0] for item in delta_items]),
         _literal([item[1] for item in delta_items]),
         _literal(transfer_ids),
@@ -2149,4 +2541,5 @@ def encode_batch(
         _literal(entry_amounts),
         _literal([item[0] for item in ride_items]),
         _literal([item[1] for item in ride_items]),
+        texts[20],
     )

@@ -6,6 +6,7 @@
     citycard seed --cards 340000
     citycard tap --terminal 1 --card 1234567890 [--tls-ca engine.pem]
     citycard terminal-key --terminal 1
+    citycard list-key                   the public key that signs terminals' hot list and rules
     citycard terminal rotate-key --terminal 1 --actor NAME  accept a new key too (engine/cli_terminal.py)
     citycard status
     citycard card block 1234567890 --reason lost     card-office operations (engine/cli_card.py)
@@ -51,6 +52,7 @@ from engine.keys import MasterKeyError, derive_terminal_key, load_master_key
 from engine.migrate import MigrationError, migrate
 from engine.seed import AlreadySeeded, seed_city
 from engine.server import Engine, EngineConfig, EngineStartError
+from engine.signing import ListSigner
 from engine.tls import TlsConfigError, client_context, server_context
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
@@ -144,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     key = commands.add_parser("terminal-key", help="print a terminal's key (hex) for provisioning")
     _database_options(key)
     key.add_argument("--terminal", type=int, required=True)
+
+    list_key = commands.add_parser(
+        "list-key", help="print the public key (hex) that signs the hot list and rules terminals keep offline"
+    )
+    list_key.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the master key lives (default: $CITYCARD_DATA_DIR or ./var)",
+    )
 
     status = commands.add_parser("status", help="what the database holds, and whether the ledger balances")
     _database_options(status)
@@ -414,6 +426,12 @@ def cmd_terminal_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list_key(args: argparse.Namespace) -> int:
+    signer = ListSigner(load_master_key(_data_dir(args), create=False))
+    print(orjson.dumps({"algorithm": "Ed25519", "public_key": signer.public_key.hex()}).decode())
+    return 0
+
+
 _STATUS_SQL = """
 SELECT
   (SELECT count(*) FROM cards) AS cards,
@@ -462,6 +480,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "seed": cmd_seed,
     "tap": cmd_tap,
     "terminal-key": cmd_terminal_key,
+    "list-key": cmd_list_key,
     "status": cmd_status,
     **TERMINAL_COMMANDS,
     **CARD_COMMANDS,

@@ -264,6 +264,16 @@ def daily_report_table(report: DailyReport) -> list[str]:
             lines.append(
                 f"  {sales.product} ({sales.kind}): {sales.sold} sold for {sales.price_cents}, {sales.uses} taps paid"
             )
+    offline = report.offline
+    if offline.taps or offline.accounts_in_debt:
+        differs = ", ".join(f"{name} {count}" for name, count in offline.differs.items()) or "none"
+        lines.append(
+            f"Taps decided offline (uploaded this day, counted above too): {offline.taps},"
+            f" {offline.approved} approved charging {offline.charged_cents}, {offline.declined} declined;"
+            f" the engine would have decided otherwise: {differs}; uncollected beyond the debt limit:"
+            f" {offline.uncollected_cents}"
+        )
+        lines.append(f"Card accounts in debt now: {offline.accounts_in_debt}, owing {offline.debt_cents}")
     return lines
 
 

@@ -10,6 +10,12 @@ Many requests may be outstanding at once (``asyncio.gather`` over ``tap``):
 each gets its own request id and its reply is matched by it. Every frame
 after the handshake is sealed both ways (``engine/seal.py``); with ``tls``
 (``engine.tls.client_context()``) the connection is TLS too.
+
+For working offline (docs/offline.md) a terminal keeps a ``HotlistCopy``
+(``await copy.refresh(client)`` brings it to the engine's version, checking
+every page's signature), the rules of its service (``client.rules()``), and
+uploads what it decided meanwhile (``client.upload_offline(taps)``). The
+engine's NOTICEs land in ``client.notices``.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import time
 import msgspec
 
 from engine import fastpath
-from engine.codes import ErrorCode, MessageType, ResultCode, TapInfo
-from engine.limits import MAX_IN_FLIGHT_PER_CONNECTION, NONCE_BYTES
+from engine.codes import ErrorCode, HotlistReason, MessageType, ResultCode, TapInfo
+from engine.limits import MAX_IN_FLIGHT_PER_CONNECTION, NONCE_BYTES, SIGNATURE_BYTES
 from engine.seal import Opener, Sealer, derive_session_keys
+from engine.signing import HOTLIST_LABEL, RULES_LABEL, verify
 
 # Request ids wrap at 2**32; a terminal never has that many outstanding.
 REQUEST_ID_MODULUS = 1 << 32
@@ -55,6 +62,118 @@ class TapResult(msgspec.Struct, frozen=True):
     @property
     def approved(self) -> bool:
         return self.result == ResultCode.APPROVED
+
+
+class HotlistPage(msgspec.Struct, frozen=True):
+    """One HOTLIST page; ``content`` is what ``signature`` signs (after the label)."""
+
+    flags: int
+    since_version: int
+    version: int
+    after_uid: int
+    entries: list[tuple[int, int]]
+    signature: bytes
+    content: bytes
+
+    @property
+    def whole_list(self) -> bool:
+        return bool(self.flags & fastpath.HOTLIST_FLAG_FULL)
+
+    @property
+    def more(self) -> bool:
+        return bool(self.flags & fastpath.HOTLIST_FLAG_MORE)
+
+
+class ServiceRules(msgspec.Struct, frozen=True):
+    """One RULES message: a rules version's terms for the terminal's service."""
+
+    rules_version: int
+    service_id: int
+    service_kind: int
+    min_balance_to_enter_cents: int
+    tolerated_negative_cents: int
+    passback_window_s: int
+    max_charge_cents: int
+    transfer_window_minutes: int
+    transfer_percent_off: int
+    cap_daily_cents: int
+    cap_monthly_cents: int
+    fares: list[tuple[int, int]]
+    signature: bytes
+    content: bytes
+
+    def fare(self, profile_id: int) -> int | None:
+        """The fare for a profile, None when the service does not serve it."""
+        return dict(self.fares).get(profile_id)
+
+
+class SignatureError(Exception):
+    """A list from the engine whose signature does not verify: not the engine's."""
+
+
+class HotlistCopy:
+    """A terminal's own copy of the hot list, kept current from the engine.
+
+    ``listed`` maps card uid -> reason (engine.codes.HotlistReason);
+    ``version`` is the engine's version this copy holds. ``refresh`` asks
+    for the changes since it, page by page (the whole list when the copy is
+    empty or too old), and checks each page's signature with the engine's
+    list key (``citycard list-key``) before applying it.
+
+    >>> copy = HotlistCopy(public_key)                 # doctest: +SKIP
+    >>> await copy.refresh(client); copy.refuses(uid)  # doctest: +SKIP
+    """
+
+    def __init__(self, public_key: bytes | None) -> None:
+        self.public_key = public_key
+        self.version = 0
+        self.listed: dict[int, int] = {}
+
+    def refuses(self, card_uid: int) -> bool:
+        return card_uid in self.listed
+
+    def apply(self, page: HotlistPage) -> None:
+        """Apply one page whose signature was checked."""
+        if page.whole_list and page.after_uid == 0:
+            self.listed.clear()
+        for card_uid, reason in page.entries:
+            if reason == HotlistReason.DELISTED:
+                self.listed.pop(card_uid, None)
+            else:
+                self.listed[card_uid] = reason
+
+    async def refresh(self, client: TerminalClient) -> int:
+        """Bring the copy to the engine's version; returns the pages read.
+
+        A whole list comes in pages by uid, each of the version current when
+        it was sent: the copy then holds the version of the first page, and
+        the changes since it (asked for next) bring every card up to date.
+        """
+        pages = 0
+        since, after_uid = self.version, 0
+        whole_list_version: int | None = None
+        while True:
+            page = await client.hotlist(since, after_uid)
+            pages += 1
+            if self.public_key is not None and not verify(self.public_key, HOTLIST_LABEL, page.content, page.signature):
+                raise SignatureError(f"HOTLIST page since {since} after {after_uid}: bad signature")
+            self.apply(page)
+            if page.whole_list:
+                if whole_list_version is None:
+                    whole_list_version = page.version
+                if page.more:
+                    since, after_uid = 0, page.entries[-1][0]
+                    continue
+                self.version = whole_list_version
+                whole_list_version = None
+                if self.version == 0:
+                    return pages  # the list has never changed: nothing came meanwhile
+                since, after_uid = self.version, 0
+                continue  # then the changes made while the pages came
+            self.version = page.version
+            if not page.more:
+                return pages
+            since = page.version
 
 
 class EngineError(Exception):
@@ -100,6 +219,8 @@ class TerminalClient:
         self._receiving_sealed = False
         self._sealer: Sealer | None = None
         self.engine_time_ms = 0
+        # NOTICEs the engine pushed: (hotlist_version, rules_version), newest last.
+        self.notices: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         # The engine closes a connection with more unanswered requests than
         # its limit; callers may gather thousands, so the client waits here.
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -176,6 +297,39 @@ class TerminalClient:
         when = event_time_ms if event_time_ms is not None else time.time_ns() // 1_000_000
         return await self._result(lambda rid: fastpath.encode_reversal(rid, terminal_seq, original_seq, when))
 
+    async def hotlist(self, since_version: int = 0, after_uid: int = 0) -> HotlistPage:
+        """One HOTLIST page: the changes since ``since_version`` (0: the whole list)."""
+        msg_type, body = await self._request(lambda rid: fastpath.encode_hotlist_request(rid, since_version, after_uid))
+        self._expect(msg_type, MessageType.HOTLIST)
+        flags, since, version, after, entries, signature = fastpath.decode_hotlist(body)
+        return HotlistPage(flags, since, version, after, entries, signature, body[:-SIGNATURE_BYTES])
+
+    async def rules(self, rules_version: int = 0, *, public_key: bytes | None = None) -> ServiceRules:
+        """The rules of this terminal's service (``rules_version`` 0: in force);
+        with ``public_key``, their signature is checked."""
+        msg_type, body = await self._request(lambda rid: fastpath.encode_rules_request(rid, rules_version))
+        self._expect(msg_type, MessageType.RULES)
+        *fields, fares, signature = fastpath.decode_rules(body)
+        content = body[:-SIGNATURE_BYTES]
+        if public_key is not None and not verify(public_key, RULES_LABEL, content, signature):
+            raise SignatureError("RULES: bad signature")
+        return ServiceRules(*fields, fares, signature, content)  # type: ignore[arg-type, call-arg]
+
+    async def upload_offline(self, taps: list[tuple[int, int, int, int, int, int, int, int]]) -> list[TapResult]:
+        """Upload taps decided offline, each (terminal_seq, card_uid,
+        card_counter, event_time_ms, tap_flags, rules_version, result,
+        amount_cents); returns each one's recorded answer, in order."""
+        msg_type, body = await self._request(lambda rid: fastpath.encode_offline_upload(rid, taps))
+        self._expect(msg_type, MessageType.OFFLINE_RESULT)
+        return [
+            TapResult(seq, ResultCode(result), amount, balance, TapInfo(info))
+            for seq, result, amount, balance, info in fastpath.decode_offline_result(body)
+        ]
+
+    def _expect(self, msg_type: int, expected: MessageType) -> None:
+        if msg_type != expected:
+            raise EngineError(ErrorCode.UNEXPECTED_MESSAGE, f"expected {expected.name}, got type 0x{msg_type:02x}")
+
     async def ping(self, payload: int = 0) -> int:
         _, body = await self._request(lambda rid: fastpath.encode_ping(rid, payload))
         return int(fastpath.decode_pong(body))
@@ -236,6 +390,9 @@ class TerminalClient:
                         if self._opener is None:
                             raise fastpath.ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "AUTH_OK before AUTH")
                         self._receiving_sealed = True  # every frame after it is sealed
+                    if msg_type == MessageType.NOTICE:
+                        self.notices.put_nowait(fastpath.decode_notice(body))
+                        continue
                     if msg_type == MessageType.ERROR:
                         code, text = fastpath.decode_error(body)
                         failure = EngineError(code, text)

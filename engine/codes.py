@@ -28,6 +28,13 @@ class MessageType(enum.IntEnum):
     TAP_RESULT = 0x13  # engine -> terminal: the outcome of TAP, TOPUP or REVERSAL
     PING = 0x20  # either side: keep-alive / echo request
     PONG = 0x21  # reply to PING, same payload
+    HOTLIST_REQUEST = 0x30  # terminal -> engine: the hot list's changes since a version
+    HOTLIST = 0x31  # engine -> terminal: one signed page of the hot list
+    RULES_REQUEST = 0x32  # terminal -> engine: the rules of its service, for deciding offline
+    RULES = 0x33  # engine -> terminal: one rules version for one service, signed
+    NOTICE = 0x34  # engine -> terminal, unasked: the hot list or the rules changed
+    OFFLINE_UPLOAD = 0x40  # terminal -> engine: taps it decided while offline
+    OFFLINE_RESULT = 0x41  # engine -> terminal: the recorded answer to each uploaded tap
     ERROR = 0x7F  # engine -> terminal: protocol fault, the connection closes after it
 
 
@@ -162,3 +169,21 @@ class TapInfo(enum.IntFlag):
     PASS_USED = 0x20  # a season pass or multi-ride ticket paid this tap
     SHARING_SUSPECTED = 0x40  # the card was used too far away too soon
     REFUNDED = 0x80  # an exit settled a stay: the amount went back to the card
+    OFFLINE = 0x100  # decided by its terminal while offline, uploaded later
+    OFFLINE_DIFFERS = 0x200  # offline: the engine's own ladder would have decided otherwise
+
+
+class HotlistReason(enum.IntEnum):
+    """Why a card is on the hot list (HOTLIST entries, ``hotlist_changes.reason``).
+
+    The card statuses that keep a card out, plus a block the engine made on
+    a suspected clone; 0 is a card that left the list (usable again).
+    """
+
+    DELISTED = 0
+    BLOCKED = 1
+    LOST = 2
+    STOLEN = 3
+    REPLACED = 4
+    EXPIRED = 5
+    CLONE_SUSPECTED = 6

@@ -40,6 +40,26 @@ SEAL_COUNTER_BYTES = 8
 SEAL_TAG_BYTES = 16
 SEAL_TRAILER_BYTES = SEAL_COUNTER_BYTES + SEAL_TAG_BYTES
 
+# The lists a terminal keeps for working offline are signed with Ed25519
+# (engine/signing.py): 64-byte signatures.
+SIGNATURE_BYTES = 64
+
+# Hot-list entries per HOTLIST page (9 bytes each): 1,800 make a body of
+# 16,291 bytes with its head and signature, a sealed frame of 16,327, the
+# most that fits under MAX_FRAME_BYTES in round hundreds. Gijon's whole list
+# (every card not active, some 120,000) is then about 70 pages.
+HOTLIST_PAGE_ENTRIES_MAX = 1800
+
+# Fares per RULES message: one per holder profile, and profiles are 0..63
+# (schema: profiles.id).
+RULES_FARES_MAX = 64
+
+# Offline taps per OFFLINE_UPLOAD (38 bytes each): 256 make a 9.7 KiB frame
+# and a 5.9 KiB answer, and the engine decides them in a few milliseconds.
+# A validator that was offline for a day uploads its few thousand taps in a
+# handful of frames.
+OFFLINE_TAPS_PER_UPLOAD_MAX = 256
+
 # --- Connections ------------------------------------------------------------
 
 # Gijón has a few hundred terminals; 10,000 covers a region with headroom while
@@ -81,6 +101,75 @@ WRITER_QUEUE_MAX = 4 * BATCH_TAPS_MAX
 # attempts a second, not a busy loop.
 WRITER_RETRY_MIN_S = 0.05
 WRITER_RETRY_MAX_S = 2.0
+
+# --- Terminals working offline (docs/offline.md) ----------------------------------
+
+# Hot-list changes the engine keeps in memory to answer "changes since N".
+# A terminal whose version is older than the oldest kept gets the whole list
+# instead. Gijon changes a few hundred cards a week (12,000 replacements a
+# year, plus blocks): 65,536 changes are more than a year, in about 5 MB.
+HOTLIST_CHANGES_KEPT = 65_536
+
+# Signed HOTLIST pages kept for the next terminal that asks the same: after
+# a block every connected terminal asks for the same one-change page, and
+# signing it once instead of per terminal saves ~50 us each. 256 pages of at
+# most 16 KiB bound the cache to 4 MiB.
+HOTLIST_PAGES_CACHED = 256
+
+# Rules versions compiled at once for the offline path and for RULES
+# answers. Terminals hold the version in force or one of the few before it;
+# a version is a few kilobytes compiled.
+RULES_VERSIONS_CACHED = 16
+
+# How far below its floor a card account may go through offline taps that
+# stand although the account could not pay them (the holder already
+# travelled): 20 EUR, a few days of buses, enough that a citizen stuck in a
+# tunnel is never turned into an unpaid fare, little enough that a lost
+# card cannot run up a debt worth chasing. The schema's default of
+# accounts.debt_limit_cents repeats it.
+OFFLINE_DEBT_LIMIT_CENTS = 2_000
+
+# Offline taps in one batch. An uploaded tap costs a commit about 120 us
+# (most pay a fare from an account no other tap of the batch touches: a
+# tap row, a balance update and a ledger entry each), measured on the
+# 2-core reference machine by benchmarks.offline_upload. 8 of them make a
+# commit of ~1 ms: an online tap that arrives during one and commits in the
+# next waits ~2 ms more than without uploads. A larger share does not
+# upload faster (the writer is then busy with the taps' own cost, ~8,000 a
+# second either way), it only makes online taps wait longer. A validator's
+# day of a few thousand taps still goes in under a second.
+OFFLINE_TAPS_PER_BATCH_MAX = 8
+
+# Offline decisions waiting for the writer. Beyond this the engine stops
+# deciding uploads until the writer has taken some (the terminal waits for
+# its answer, nothing is refused): four batches' worth, so the writer never
+# waits for the deciding task, and memory holds a few hundred decisions.
+OFFLINE_QUEUE_MAX = 4 * OFFLINE_TAPS_PER_BATCH_MAX
+
+# Uploads waiting to be decided, engine-wide. Each holds at most 256 taps;
+# beyond this an upload is answered BUSY_RETRY for every tap at once, so
+# that a fleet coming back from a depot cannot queue without bound.
+OFFLINE_UPLOADS_QUEUED_MAX = 64
+
+# Offline taps decided per turn of the event loop: one batch's share, a
+# fraction of a millisecond of the engine's time, then online taps get
+# their turn.
+OFFLINE_DECIDE_SLICE = OFFLINE_TAPS_PER_BATCH_MAX
+
+# Uploaded taps answered from the record per turn of the event loop (a
+# second upload of the same taps): answering one costs a few microseconds,
+# so 64 are a fraction of a millisecond before online taps get their turn.
+OFFLINE_ANSWERS_PER_TURN = 64
+
+# An offline tap's event time may be at most this long before its upload:
+# taps older than 35 days would fall in a month whose report is closed, and
+# the clone check's memory of the card is 35 days too. Older ones are
+# refused (PROTOCOL_ERROR) and never recorded.
+OFFLINE_TAP_AGE_MAX_S = 35 * 86_400
+
+# ...and at most this far after the upload: a terminal clock running up to
+# five minutes fast is tolerated, one further ahead is broken.
+OFFLINE_CLOCK_AHEAD_MAX_S = 300
 
 # --- Exactly once ---------------------------------------------------------------
 

@@ -15,12 +15,18 @@ Channels and payloads:
   re-reads the cards of every holder that import touched.
 - ``citycard_terminal_keys``: a terminal id. The engine re-reads that
   terminal's key versions (a key rotation started, ``engine/key_rotation.py``).
+- ``citycard_hotlist``: no payload. A card's status changed: the engine reads
+  the new ``hotlist_changes`` rows into its hot list (``engine/sync.py``).
+
+After a new rules version or hot-list change is applied, ``on_change`` is
+called, which tells the terminals' open sessions (NOTICE).
 
 A notice lost while the listening connection was down (or sent before it
 first listened) is not lost for good: on every connect the engine reloads
 the newest rules version, applies every eligibility import newer than the
 last one it holds (imports are numbered; the engine reads the newest number
-before it loads the city) and re-reads every terminal's key versions.
+before it loads the city), re-reads every terminal's key versions and reads
+the hot-list changes above the version it holds.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from array import array
+from collections.abc import Callable
 
 import asyncpg
 import msgspec
@@ -37,6 +44,7 @@ from engine.limits import DB_COMMAND_TIMEOUT_S
 from engine.policy import CompiledPolicy, compile_policy
 from engine.rules import Rules, RulesError
 from engine.state import DEFAULT_RENEWAL_WINDOW_DAYS, NO_FARE, PROFILES_MAX, CityState, refresh_cards
+from engine.sync import HOTLIST_CHANNEL, HotList, catch_up_hotlist
 
 log = logging.getLogger("citycard.live")
 
@@ -119,23 +127,36 @@ class LiveChanges:
     """
 
     def __init__(
-        self, dsn: str, state: CityState, *, last_import_id: int = 0, key_rotation: KeyRotation | None = None
+        self,
+        dsn: str,
+        state: CityState,
+        *,
+        last_import_id: int = 0,
+        key_rotation: KeyRotation | None = None,
+        hotlist: HotList | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._dsn = dsn
         self._state = state
         self._key_rotation = key_rotation
+        self._hotlist = hotlist
+        self._on_change = on_change
         # The newest eligibility import the city holds: read before the city
         # was loaded, so an import committed meanwhile is applied, not missed.
         self._last_import_id = last_import_id
         self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
+        self._stopping = False
         self.applied = 0  # notices applied, for tests and logs
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="citycard-live-changes")
 
     async def stop(self) -> None:
+        # The flag ends the loop even when a notice arriving at the same
+        # moment as the cancellation lets the wait for it return normally.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -148,7 +169,7 @@ class LiveChanges:
     async def _run(self) -> None:
         delay = LISTEN_RETRY_MIN_S
         first = True
-        while True:
+        while not self._stopping:
             try:
                 conn = await self._listen()
                 # Notices sent while nobody listened (before the first LISTEN,
@@ -158,13 +179,17 @@ class LiveChanges:
                 if self._key_rotation is not None:
                     await self._key_rotation.load(conn, self._state)
                 caught_up = await self._catch_up_imports(conn)
+                if self._hotlist is not None:
+                    await catch_up_hotlist(conn, self._hotlist)
+                self._changed()
                 if not first or caught_up:
                     log.info("live changes: caught up with %d eligibility imports", caught_up)
                 first = False
                 delay = LISTEN_RETRY_MIN_S
-                while not conn.is_closed():
+                while not conn.is_closed() and not self._stopping:
                     try:
-                        channel, payload = await asyncio.wait_for(self._queue.get(), LISTEN_RETRY_MAX_S)
+                        async with asyncio.timeout(LISTEN_RETRY_MAX_S):
+                            channel, payload = await self._queue.get()
                     except TimeoutError:
                         continue
                     if (channel, payload) == _CONNECTION_LOST:
@@ -182,7 +207,7 @@ class LiveChanges:
         conn = self._conn = await asyncpg.connect(
             self._dsn, timeout=DB_COMMAND_TIMEOUT_S, server_settings={"application_name": "citycard-live"}
         )
-        for channel in (RULES_CHANNEL, ELIGIBILITY_CHANNEL, TERMINAL_KEYS_CHANNEL):
+        for channel in (RULES_CHANNEL, ELIGIBILITY_CHANNEL, TERMINAL_KEYS_CHANNEL, HOTLIST_CHANNEL):
             await conn.add_listener(channel, self._notified)
         # A lost connection wakes the loop at once (not at its next poll), so
         # the catch-up after reconnecting comes within moments.
@@ -199,6 +224,11 @@ class LiveChanges:
         if channel == RULES_CHANNEL:
             version = await apply_current_rules(conn, self._state)
             log.info("rules version %d in force", version, extra={"notified": payload})
+            self._changed()
+        elif channel == HOTLIST_CHANNEL and self._hotlist is not None:
+            changes = await catch_up_hotlist(conn, self._hotlist)
+            log.info("hot list at version %d", self._hotlist.version, extra={"changes": changes})
+            self._changed()
         elif channel == ELIGIBILITY_CHANNEL:
             try:
                 import_id = int(payload)
@@ -220,6 +250,10 @@ class LiveChanges:
                 extra={"terminal_id": terminal_id, "next_key_version": self._key_rotation.pending.get(terminal_id)},
             )
         self.applied += 1
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     async def _catch_up_imports(self, conn: asyncpg.Connection) -> int:
         """Apply the eligibility imports newer than the last one applied."""

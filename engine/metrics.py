@@ -42,6 +42,10 @@ from engine.codes import ErrorCode, OperationKind, ResultCode, TapInfo
 from engine.decision import Decision
 from engine.seal import REJECTED_REASONS
 
+# The outcomes of an uploaded offline tap (engine.offline.OUTCOMES; not
+# imported from there, which depends on the processor and the ladder).
+OFFLINE_OUTCOMES = ("agreed", "differs", "uncollected", "duplicate", "refused", "busy")
+
 if TYPE_CHECKING:
     from engine.health import EngineHealth
     from engine.session import SessionCounters
@@ -119,6 +123,8 @@ class EngineSources:
     # Look-ups that found no idle pool connection (Processor.pool_waits).
     pool_waits: Callable[[], int]
     writer_queue_capacity: int
+    # Uploaded offline taps by outcome (OfflineUploads.outcomes).
+    offline_outcomes: Callable[[], dict[str, int]] = dict
 
 
 class EngineCollector(Collector):
@@ -134,6 +140,20 @@ class EngineCollector(Collector):
         yield from self._sessions()
         yield from self._database()
         yield from self._health()
+        yield from self._offline()
+
+    def _offline(self) -> Iterator[Metric]:
+        seen = dict(self._sources.offline_outcomes())
+        taps = CounterMetricFamily(
+            "citycard_offline_taps",
+            "Taps decided offline by their terminal and uploaded, by outcome: agreed or differs (applied;"
+            " the engine's own decision was the same, or not), uncollected (applied; the debt limit left"
+            " part unpaid), duplicate (held already), refused, busy (upload again).",
+            labels=["outcome"],
+        )
+        for outcome in OFFLINE_OUTCOMES:
+            taps.add_metric([outcome], seen.get(outcome, 0))
+        yield taps
 
     def _writer(self) -> Iterator[Metric]:
         writer = self._sources.writer

@@ -41,6 +41,19 @@ class CompiledPolicy:
     sharing_min_distance_m: int = 0
     renewal_window_days: int = 0
 
+    def settings_row(self) -> array[int]:
+        """The city-wide settings as the fast path reads them (``state.settings``):
+        one int64 per SETTING_* field of engine.fastpath."""
+        row = array("q", [0] * fastpath.SETTINGS_FIELDS)
+        row[fastpath.SETTING_TRANSFER_WINDOW_MS] = self.transfer_window_ms
+        row[fastpath.SETTING_TRANSFER_PERCENT_OFF] = self.transfer_percent_off
+        row[fastpath.SETTING_SHOW_ID_PERMILLE] = self.show_id_permille
+        row[fastpath.SETTING_CLONE_BLOCKS_CARD] = int(self.clone_blocks_card)
+        row[fastpath.SETTING_SHARING_MAX_SPEED_KMH] = self.sharing_max_speed_kmh
+        row[fastpath.SETTING_SHARING_MIN_DISTANCE_M] = self.sharing_min_distance_m
+        row[fastpath.SETTING_RENEWAL_WINDOW_DAYS] = self.renewal_window_days
+        return row
+
     def install(self, state: CityState) -> None:
         """Put this policy in force on ``state`` (between two taps)."""
         state.service_policy = self.service_policy

@@ -17,6 +17,12 @@ For every TAP, TOPUP and REVERSAL the processor
 
 When a batch's outcome is known the processor applies it to the in-memory
 balances (or undoes the pending amounts) and answers every waiting terminal.
+
+Taps a terminal decided offline and uploads later (``engine/offline.py``)
+share the same idempotency key and the same record: an uploaded tap the
+engine holds already (pending, recent, or in the record) gets its recorded
+answer; the others are decided there and handed to the writer's offline
+queue (``claim``, ``read_records``, ``submit_offline`` below).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import orjson
 
 from engine.codes import CardStatus, OperationKind, ResultCode
 from engine.decision import Decision, ReplyTarget, request_fingerprint
-from engine.fastpath import CAP_DAY_TOTAL, CAP_GROUPS_MAX, CAP_MONTH_TOTAL, NO_CAP, NO_PRODUCT
+from engine.fastpath import CAP_DAY_TOTAL, CAP_GROUPS_MAX, CAP_MONTH_TOTAL, INFO_OFFLINE, NO_CAP, NO_PRODUCT
 from engine.ladder import TAP_FLAG_EXIT, TAP_FLAGS_KNOWN, Original, decide_reversal, decide_tap, decide_topup
 from engine.limits import (
     DB_COMMAND_TIMEOUT_S,
@@ -78,6 +84,15 @@ _LOOKUP_SQL = (
     " result, amount_cents, balance_cents, info, service_id, account_id, product_id,"
     " original_terminal_id"
     " FROM taps WHERE terminal_id = $1 AND terminal_seq = $2"
+)
+# The same for many sequences of one terminal (an offline upload), by primary key.
+_LOOKUP_MANY_SQL = (
+    "SELECT terminal_seq, kind, card_uid, card_counter, tap_flags, requested_cents, original_seq,"
+    " (extract(epoch FROM event_time) * 1000)::int8 AS event_ms,"
+    " (extract(epoch FROM recorded_at) * 1000)::int8 AS recorded_ms,"
+    " result, amount_cents, balance_cents, info, service_id, account_id, product_id,"
+    " original_terminal_id"
+    " FROM taps WHERE terminal_id = $1 AND terminal_seq = ANY($2::int8[])"
 )
 # Whichever terminal asked for it (schema: taps_one_reversal).
 _REVERSED_SQL = (
@@ -314,29 +329,7 @@ class Processor:
         row = await self._pool().fetchrow(_LOOKUP_SQL, terminal_id, terminal_seq)
         if row is None:
             return None
-        decision = Decision(
-            terminal_id,
-            terminal_seq,
-            row["kind"],
-            row["card_uid"],
-            row["card_counter"],
-            row["tap_flags"],
-            row["requested_cents"],
-            row["original_seq"],
-            row["event_ms"],
-            row["recorded_ms"],
-            row["service_id"],
-        )
-        if row["original_terminal_id"] is not None:
-            decision.original_terminal = row["original_terminal_id"]
-        if row["product_id"] is not None:
-            decision.product_id = row["product_id"]
-        decision.result = row["result"]
-        decision.amount = row["amount_cents"]
-        decision.balance = row["balance_cents"]
-        # A retry after a restart hears the same reasons as the original.
-        decision.info = row["info"]
-        return decision
+        return _recorded(terminal_id, terminal_seq, row)
 
     async def _read_original(self, terminal_id: int, original_seq: int) -> tuple[Original | None, bool]:
         if self.pool is None:
@@ -357,6 +350,73 @@ class Processor:
         )
         reversed_ = await self._pool().fetchval(_REVERSED_SQL, terminal_id, original_seq)
         return original, bool(reversed_)
+
+    # --- taps decided offline (engine/offline.py) ----------------------------------
+
+    def answer_known(
+        self, target: ReplyTarget, index: int, terminal_id: int, terminal_seq: int, fingerprint: Fingerprint
+    ) -> bool:
+        """Answer an uploaded tap the engine holds in memory: pending (it
+        joins the commit), recently decided, or being looked up or decided
+        (it joins that). False when the engine does not hold it."""
+        key = (terminal_id, terminal_seq)
+        pending = self._pending.get(key)
+        if pending is not None:
+            if pending.fingerprint() != fingerprint:
+                self._answer_now(target, index, terminal_seq, ResultCode.SEQUENCE_REUSED)
+            else:
+                pending.waiters.append((target, index))
+            return True
+        recent = self._recent.get(terminal_id)
+        if recent is not None:
+            final = recent.get(terminal_seq)
+            if final is not None:
+                self._answer_final(final, target, index, fingerprint)
+                return True
+        waiting = self._lookups.get(key)
+        if waiting is not None:
+            waiting.append((target, index, fingerprint))
+            return True
+        return False
+
+    def claim(
+        self, terminal_id: int, terminal_seq: int, target: ReplyTarget, index: int, fingerprint: Fingerprint
+    ) -> None:
+        """Hold an uploaded tap's key while its record is read and it is
+        decided: a request for the same key meanwhile waits for its answer."""
+        self._lookups[(terminal_id, terminal_seq)] = [(target, index, fingerprint)]
+
+    def release(self, terminal_id: int, terminal_seq: int, result: int) -> None:
+        """Answer everyone waiting on a claimed key with a non-decision."""
+        self._finish_lookup((terminal_id, terminal_seq), None, result)
+
+    def answer_recorded(self, recorded: Decision) -> None:
+        """Answer everyone waiting on a claimed key from its record."""
+        self._remember(recorded)
+        self._finish_lookup((recorded.terminal_id, recorded.terminal_seq), recorded, None)
+
+    async def read_records(self, terminal_id: int, terminal_seqs: list[int]) -> dict[int, Decision]:
+        """The recorded decisions of a terminal's sequences, one query."""
+        if self.pool is None or not terminal_seqs:
+            return {}
+        rows = await self._pool().fetch(_LOOKUP_MANY_SQL, terminal_id, terminal_seqs, timeout=DB_COMMAND_TIMEOUT_S)
+        return {row["terminal_seq"]: _recorded(terminal_id, row["terminal_seq"], row) for row in rows}
+
+    def submit_offline(self, terminal: Terminal, decision: Decision) -> None:
+        """Hand a decided offline tap (its key claimed) to the writer's offline
+        queue; everyone waiting on the key hears its answer at the commit."""
+        key = (terminal.id, decision.terminal_seq)
+        mine = decision.fingerprint()
+        for target, request_id, fingerprint in self._lookups.pop(key, ()):
+            if fingerprint == mine:
+                decision.waiters.append((target, request_id))
+            else:
+                self._answer_now(target, request_id, decision.terminal_seq, ResultCode.SEQUENCE_REUSED)
+        terminal.high_seq = max(terminal.high_seq, decision.terminal_seq)
+        self._pending[key] = decision
+        writer = self.writer
+        assert writer is not None
+        writer.submit_offline(decision)
 
     # --- answers ---------------------------------------------------------------
 
@@ -398,6 +458,7 @@ class Processor:
         state = self.state
         balance = state.balance
         floor = state.floor
+        debt_limit = state.debt_limit
         pending_debit = state.pending_debit
         pending_credit = state.pending_credit
         pending = self._pending
@@ -405,6 +466,7 @@ class Processor:
         on_result = self.on_result
         for d in batch:
             pending.pop((d.terminal_id, d.terminal_seq), None)
+            offline = d.info & INFO_OFFLINE
             if d.kind == _REVERSAL and d.result == ResultCode.APPROVED:
                 self._reversing.discard((d.original_terminal, d.original_seq or 0))
             amount = d.amount if d.result == ResultCode.APPROVED else 0
@@ -419,7 +481,9 @@ class Processor:
                     source = d.source
                     balance[source] -= amount
                     balance[d.target] += amount
-                    if balance[source] < floor[source]:
+                    # Below the floor only by offline taps that stand, and
+                    # never below the debt limit (the schema's rule too).
+                    if balance[source] < floor[source] - debt_limit[source]:
                         raise InvariantError(
                             f"account {state.account_id[source]} below its floor after commit of {d!r}"
                         )
@@ -427,9 +491,11 @@ class Processor:
                 self._remember(d)
                 if on_result is not None:
                     on_result(d)
-                if d.result == _CLONE_SUSPECTED and state.clone_blocks_card:
+                # A terminal's own offline decision blocked nothing in the
+                # engine, and was no card presented to the engine.
+                if d.result == _CLONE_SUSPECTED and state.clone_blocks_card and not offline:
                     self._spawn(self._record_clone_block(d))
-                if d.result == _CARD_NOT_ACTIVE:
+                if d.result == _CARD_NOT_ACTIVE and not offline:
                     # A blocked, lost or stolen card presented: worth a line
                     # for the card office, under a pseudonym.
                     log.warning(
@@ -442,7 +508,9 @@ class Processor:
                 # Remembered for retries: it must not keep closed sessions alive.
                 d.waiters.clear()
             else:
-                if d.kind == _TAP:
+                if offline:
+                    self._forget_offline(d)
+                elif d.kind == _TAP:
                     self._forget_tap(d)
                 elif d.kind == _REVERSAL:
                     self._forget_reversal(d)
@@ -485,6 +553,14 @@ class Processor:
             if activity.transfer_ms == d.recorded_ms:
                 activity.transfer_ms = -1  # the journey it started did not start
         self._forget_rides(d)
+
+    def _forget_offline(self, d: Decision) -> None:
+        """An offline tap whose batch failed raised only the card's counter
+        (``engine/offline.py``): lower it back, unless a later tap raised it."""
+        card = self.state.card_position.get(d.card_uid)
+        activity = self.state.activity.get(card) if card is not None else None
+        if activity is not None and d.card_counter and activity.counter == d.card_counter:
+            activity.counter = d.previous_counter
 
     def _forget_reversal(self, d: Decision) -> None:
         """Undo what a reversal whose batch failed changed in memory: the
@@ -537,3 +613,30 @@ class Processor:
         """Wait for slow-path tasks (used at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _recorded(terminal_id: int, terminal_seq: int, row: asyncpg.Record) -> Decision:
+    """A decision as the record holds it (a retry hears it again)."""
+    decision = Decision(
+        terminal_id,
+        terminal_seq,
+        row["kind"],
+        row["card_uid"],
+        row["card_counter"],
+        row["tap_flags"],
+        row["requested_cents"],
+        row["original_seq"],
+        row["event_ms"],
+        row["recorded_ms"],
+        row["service_id"],
+    )
+    if row["original_terminal_id"] is not None:
+        decision.original_terminal = row["original_terminal_id"]
+    if row["product_id"] is not None:
+        decision.product_id = row["product_id"]
+    decision.result = row["result"]
+    decision.amount = row["amount_cents"]
+    decision.balance = row["balance_cents"]
+    # A retry after a restart hears the same reasons as the original.
+    decision.info = row["info"]
+    return decision

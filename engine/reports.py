@@ -2,7 +2,10 @@
 
 The daily report counts one UTC day of tap records (``taps.recorded_at``,
 the engine's clock) per service and per fare profile: uses, revenue, top-ups
-and declines by reason. The profile is the one whose fare applied
+and declines by reason. Taps decided offline by their terminal count on the
+day they were uploaded, like every record, and are also summed apart
+(``OfflineFigures``): how many, how many the engine would have decided
+otherwise and why, what they charged and what the debt limit left unpaid. The profile is the one whose fare applied
 (``taps.fare_profile``); records written before that column existed have
 none, and fall back to the card holder's profile as it is now.
 
@@ -123,6 +126,28 @@ class ProductSales(msgspec.Struct, frozen=True, kw_only=True):
     uses: int
 
 
+class OfflineFigures(msgspec.Struct, frozen=True, kw_only=True):
+    """Taps decided offline by their terminals and uploaded in the day
+    (also counted in the lines above: uses, fares, declines).
+
+    ``differs`` counts those the engine's own decision would have changed,
+    by that decision's result code name (``APPROVED``: a tap the terminal
+    refused). ``charged_cents`` is what the approved ones charged;
+    ``uncollected_cents`` what their terminals charged beyond it (the debt
+    limit stopped it). ``accounts_in_debt`` and ``debt_cents`` are the card
+    accounts below their floor when the report is made, and by how much.
+    """
+
+    taps: int = 0
+    approved: int = 0
+    declined: int = 0
+    differs: dict[str, int] = msgspec.field(default_factory=dict)
+    charged_cents: int = 0
+    uncollected_cents: int = 0
+    accounts_in_debt: int = 0
+    debt_cents: int = 0
+
+
 class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
     """Taps recorded in ``[starts_at, ends_at)``, which is ``day`` in UTC,
     and the products sold then (paid at the desk: not in the fares)."""
@@ -135,6 +160,7 @@ class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
     services: list[ServiceLine]
     total: DailyFigures
     products: list[ProductSales] = msgspec.field(default_factory=list)
+    offline: OfflineFigures = msgspec.field(default_factory=OfflineFigures)
 
 
 # One row per (service, profile, result): the decline reasons are spread over
@@ -200,6 +226,26 @@ SELECT coalesce(s.product_code, u.product_code) AS product, coalesce(s.kind, u.k
        coalesce(s.sold, 0) AS sold, coalesce(s.price_cents, 0)::int8 AS price_cents, coalesce(u.uses, 0) AS uses
 FROM sold s FULL JOIN used u ON u.product_code = s.product_code AND u.kind = s.kind
 ORDER BY 1, 2
+"""
+
+# Offline taps (info bit 256, TapInfo.OFFLINE) of the day, by the engine's own
+# decision where it differs (bit 512, OFFLINE_DIFFERS); and the card accounts
+# below their floor now.
+_OFFLINE_SQL = """
+SELECT count(*) AS taps,
+       count(*) FILTER (WHERE result = 0) AS approved,
+       coalesce(sum(amount_cents) FILTER (WHERE result = 0), 0)::int8 AS charged_cents,
+       coalesce(sum(requested_cents - amount_cents) FILTER (WHERE result = 0), 0)::int8 AS uncollected_cents
+FROM taps WHERE recorded_at >= $1 AND recorded_at < $2 AND (info & 256) <> 0
+"""
+_OFFLINE_DIFFERS_SQL = """
+SELECT online_result, count(*) AS taps
+FROM taps WHERE recorded_at >= $1 AND recorded_at < $2 AND (info & 512) <> 0
+GROUP BY online_result ORDER BY online_result
+"""
+_DEBT_SQL = """
+SELECT count(*) AS accounts, coalesce(sum(floor_cents - balance_cents), 0)::int8 AS cents
+FROM accounts WHERE kind = 0 AND balance_cents < floor_cents
 """
 
 _FIGURE_COLUMNS = ("uses", "fare_cents", "refund_cents", "topups", "topup_cents", "topup_reversed_cents")
@@ -268,6 +314,9 @@ async def daily_report(conn: asyncpg.Connection, day: datetime.date) -> DailyRep
     starts_at, ends_at = day_bounds(day)
     rows = await conn.fetch(_DAILY_SQL, starts_at, ends_at, timeout=REPORT_TIMEOUT_S)
     products = await conn.fetch(_PRODUCTS_SQL, starts_at, ends_at, timeout=REPORT_TIMEOUT_S)
+    offline = await conn.fetchrow(_OFFLINE_SQL, starts_at, ends_at, timeout=REPORT_TIMEOUT_S)
+    differs = await conn.fetch(_OFFLINE_DIFFERS_SQL, starts_at, ends_at, timeout=REPORT_TIMEOUT_S)
+    debt = await conn.fetchrow(_DEBT_SQL, timeout=REPORT_TIMEOUT_S)
     by_line: dict[tuple[int, int], tuple[str, str, _Tally]] = {}
     by_service: dict[int, tuple[str, _Tally]] = {}
     total = _Tally()
@@ -306,6 +355,16 @@ async def daily_report(conn: asyncpg.Connection, day: datetime.date) -> DailyRep
             )
             for row in products
         ],
+        offline=OfflineFigures(
+            taps=int(offline["taps"]),
+            approved=int(offline["approved"]),
+            declined=int(offline["taps"]) - int(offline["approved"]),
+            differs={result_name(int(row["online_result"])): int(row["taps"]) for row in differs},
+            charged_cents=int(offline["charged_cents"]),
+            uncollected_cents=int(offline["uncollected_cents"]),
+            accounts_in_debt=int(debt["accounts"]),
+            debt_cents=int(debt["cents"]),
+        ),
     )
 
 

@@ -40,10 +40,14 @@ from engine.logs import CardPseudonyms
 from engine.loop_lag import LoopLagMonitor
 from engine.metrics import EngineMetrics, EngineSources
 from engine.migrate import migrate
+from engine.offline import OfflineUploads
 from engine.processor import Processor
 from engine.session import SessionContext, SessionLimits, TerminalSession
+from engine.signing import ListSigner
 from engine.state import CityState, load_state, now_ms
+from engine.sync import HotList, Sync, load_hotlist
 from engine.tls import TlsConfigError, server_context
+from engine.versions import RulesVersions
 from engine.writer import AnotherWriter, BatchWriter, connect_writer, next_batch_id
 
 log = logging.getLogger("citycard.server")
@@ -125,6 +129,10 @@ class Engine:
         self._server: asyncio.AbstractServer | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._live: LiveChanges | None = None
+        # What terminals keep for working offline, and their uploads.
+        self.hotlist = HotList()
+        self.sync: Sync | None = None
+        self.offline: OfflineUploads | None = None
         self.port = 0
         self.metrics_port: int | None = None
         self.admin: AdminServer | None = None
@@ -155,6 +163,9 @@ class Engine:
             await self.key_rotation.load(conn, state)
             await apply_current_rules(conn, state)
             await rebuild_activity(conn, state, now_ms=now_ms())
+            # After the city: a status changed meanwhile is read again by the
+            # live listener's catch-up (applying a change twice is harmless).
+            await load_hotlist(conn, self.hotlist)
             first_batch_id = await next_batch_id(conn)
             self._services = {row["id"]: row["code"] for row in await conn.fetch("SELECT id, code FROM services")}
         self.state = state
@@ -185,8 +196,20 @@ class Engine:
             processor.on_result = self.metrics.count_decision
             processor.on_immediate = self.metrics.count_immediate
         self.key_rotation.attach(self._pool)
-        self._live = LiveChanges(config.dsn, state, last_import_id=last_import_id, key_rotation=self.key_rotation)
+        versions = RulesVersions(state, self._pool)
+        await versions.get(state.rules_version)  # terminals ask for it first
+        sync = self.sync = Sync(state, self.hotlist, versions, ListSigner(master_key))
+        offline = self.offline = OfflineUploads(state, processor, versions)
+        self._live = LiveChanges(
+            config.dsn,
+            state,
+            last_import_id=last_import_id,
+            key_rotation=self.key_rotation,
+            hotlist=self.hotlist,
+            on_change=sync.changed,
+        )
         self._live.start()
+        offline.start()
         self._writer_task = asyncio.create_task(writer.run(), name="citycard-writer")
         self._writer_task.add_done_callback(self._writer_ended)
         limits = SessionLimits(
@@ -201,7 +224,10 @@ class Engine:
             limits=limits,
             key_rotation=self.key_rotation,
             observe_latency=self.metrics.request_latency.observe if counting else None,
+            sync=sync,
+            offline=offline,
         )
+        sync.sessions = lambda: list(context.sessions)
         self._start_health()
         self._register_gauges()
         loop = asyncio.get_running_loop()
@@ -294,6 +320,7 @@ class Engine:
             pool=lambda: self._pool,
             pool_waits=lambda: processor.pool_waits,
             writer_queue_capacity=max(self.config.writer_queue_max, self.config.batch_taps_max),
+            offline_outcomes=lambda: self.offline.outcomes if self.offline is not None else {},
         )
         self.metrics.attach(sources, self._services)
 
@@ -311,8 +338,11 @@ class Engine:
             self.context.accepting = False
         if self._server is not None:
             self._server.close()
-        # Before the writer stops: a card-office top-up in progress waits for its commit.
+        # Before the writer stops: a card-office top-up in progress waits for
+        # its commit, and so does the offline upload being decided.
         await self._stop_admin()
+        if self.offline is not None:
+            await self.offline.stop()
         if self.processor is not None:
             await self.processor.drain()
         if self.writer is not None and self._writer_task is not None:
@@ -340,6 +370,8 @@ class Engine:
         await self._stop_admin()
         if self._live is not None:
             await self._live.stop()
+        if self.sync is not None:
+            await self.sync.stop()
         await self._stop_health()
         # Stopping the HTTP thread waits for its poll (up to half a second): not on the loop.
         await asyncio.to_thread(self.metrics.close)

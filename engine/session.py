@@ -7,6 +7,11 @@ engine's frames after its AUTH_OK are sealed as they are queued. Any protocol
 fault sends one ERROR frame and closes this connection only. Replies are
 buffered and written once per received chunk or per committed batch, so a
 pipelining terminal gets many replies per system call.
+
+An open session also serves what a terminal needs for working offline
+(``engine/sync.py``: HOTLIST_REQUEST, RULES_REQUEST, and a NOTICE pushed
+when either list changes) and takes the taps it decided offline
+(``engine/offline.py``: OFFLINE_UPLOAD, answered with OFFLINE_RESULT).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from engine import fastpath
 from engine.codes import ErrorCode, MessageType, OperationKind
@@ -43,6 +48,10 @@ from engine.seal import (
 )
 from engine.state import CityState, Terminal, now_ms
 
+if TYPE_CHECKING:
+    from engine.offline import OfflineUploads
+    from engine.sync import Sync
+
 log = logging.getLogger("citycard.session")
 
 AWAIT_HELLO = 0
@@ -50,12 +59,26 @@ AWAIT_AUTH = 1
 OPEN = 2
 
 # Types only the engine sends; a terminal sending one is confused.
-_ENGINE_ONLY = frozenset({MessageType.CHALLENGE, MessageType.AUTH_OK, MessageType.TAP_RESULT, MessageType.ERROR})
+_ENGINE_ONLY = frozenset(
+    {
+        MessageType.CHALLENGE,
+        MessageType.AUTH_OK,
+        MessageType.TAP_RESULT,
+        MessageType.HOTLIST,
+        MessageType.RULES,
+        MessageType.NOTICE,
+        MessageType.OFFLINE_RESULT,
+        MessageType.ERROR,
+    }
+)
 
 _TAP = MessageType.TAP
 _TOPUP = MessageType.TOPUP
 _REVERSAL = MessageType.REVERSAL
 _PING = MessageType.PING
+_HOTLIST_REQUEST = MessageType.HOTLIST_REQUEST
+_RULES_REQUEST = MessageType.RULES_REQUEST
+_OFFLINE_UPLOAD = MessageType.OFFLINE_UPLOAD
 
 _REJECTED_BY_CODE: dict[int, str] = {ErrorCode.BAD_TAG: REJECTED_BAD_TAG, ErrorCode.BAD_COUNTER: REJECTED_BAD_COUNTER}
 
@@ -100,6 +123,10 @@ class SessionContext:
     # Called with the seconds from a request's frame received to its reply
     # written (the engine's own latency, the figure its objectives are about).
     observe_latency: Callable[[float], None] | None = None
+    # The hot list and rules for terminals working offline, and their
+    # uploads; None: not served (such requests close the connection).
+    sync: Sync | None = None
+    offline: OfflineUploads | None = None
 
 
 class TerminalSession(asyncio.Protocol):
@@ -128,6 +155,7 @@ class TerminalSession(asyncio.Protocol):
         # With metrics off nothing is timed: no clock read, no bookkeeping per request.
         self._observing = context.observe_latency is not None
         self._deadline: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.peer = "?"
 
     # --- asyncio.Protocol -----------------------------------------------------
@@ -243,6 +271,8 @@ class TerminalSession(asyncio.Protocol):
                 )
         elif msg_type == _PING:
             self._emit(fastpath.encode_pong(request_id, fastpath.decode_ping(body)))
+        elif msg_type == _HOTLIST_REQUEST or msg_type == _RULES_REQUEST or msg_type == _OFFLINE_UPLOAD:
+            self._on_offline_request(msg_type, request_id, body)
         elif msg_type == MessageType.HELLO:
             self._on_hello(request_id, body)
         elif msg_type == MessageType.AUTH:
@@ -253,6 +283,60 @@ class TerminalSession(asyncio.Protocol):
             self.fail(ErrorCode.UNEXPECTED_MESSAGE, f"message type 0x{msg_type:02x} is sent by the engine", request_id)
         else:  # the reader admits only known types; this is a bug
             self.fail(ErrorCode.INTERNAL, f"unhandled message type 0x{msg_type:02x}", request_id)
+
+    def _on_offline_request(self, msg_type: int, request_id: int, body: bytes) -> None:
+        """HOTLIST_REQUEST (answered at once), RULES_REQUEST and
+        OFFLINE_UPLOAD (answered by deliver_frame, counted in flight)."""
+        if self._state != OPEN:
+            self.fail(ErrorCode.NOT_AUTHENTICATED, "request before the session is open", request_id)
+            return
+        context = self._context
+        sync = context.sync
+        terminal = self._terminal
+        assert terminal is not None
+        if msg_type == _HOTLIST_REQUEST:
+            since_version, after_uid = fastpath.decode_hotlist_request(body)
+            if sync is None:
+                self.fail(ErrorCode.UNEXPECTED_MESSAGE, "this engine serves no hot list", request_id)
+                return
+            self._emit(sync.hotlist_frame(request_id, since_version, after_uid))
+            return
+        if self._in_flight >= context.limits.max_in_flight:
+            self.fail(
+                ErrorCode.TOO_MANY_IN_FLIGHT,
+                f"more than {context.limits.max_in_flight} unanswered requests",
+                request_id,
+            )
+            return
+        if msg_type == _RULES_REQUEST:
+            rules_version = fastpath.decode_rules_request(body)
+            if sync is None:
+                self.fail(ErrorCode.UNEXPECTED_MESSAGE, "this engine serves no rules", request_id)
+                return
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._answer_rules(sync, terminal, request_id, rules_version))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        offline = context.offline
+        if offline is None:
+            self.fail(ErrorCode.UNEXPECTED_MESSAGE, "this engine takes no offline taps", request_id)
+            return
+        taps = fastpath.decode_offline_upload(body)
+        self._in_flight += 1
+        offline.accept(self, request_id, terminal, taps)
+
+    async def _answer_rules(self, sync: Sync, terminal: Terminal, request_id: int, rules_version: int) -> None:
+        try:
+            compiled = await sync.rules_for(rules_version, terminal.service_id)
+        except Exception as error:  # noqa: BLE001 - the database is unavailable in some way
+            log.warning("rules for terminal %d unavailable: %r", terminal.id, error)
+            compiled = sync.versions.cached(self._context.state.rules_version)
+        frame = sync.rules_frame(request_id, compiled, terminal.service_id) if compiled is not None else None
+        if frame is None:
+            self.fail(ErrorCode.INTERNAL, "no rules for this terminal's service", request_id)
+            return
+        self.deliver_frame(frame)
 
     def _on_hello(self, request_id: int, body: bytes) -> None:
         if self._state != AWAIT_HELLO:
@@ -313,6 +397,28 @@ class TerminalSession(asyncio.Protocol):
         frame = fastpath.encode_tap_result(request_id, terminal_seq, result, amount, balance, info)
         sealer = self._sealer  # always set here: results answer requests of an open session
         self._out.append(frame if sealer is None else sealer.seal(frame))
+
+    def deliver_frame(self, frame: bytes) -> None:
+        """Write the answer to a request counted in flight (RULES,
+        OFFLINE_RESULT) at once."""
+        if self._closed:
+            return  # the terminal will ask again
+        self._in_flight -= 1
+        self._emit(frame)
+        self.flush()
+
+    def push(self, frame: bytes) -> None:
+        """Write a frame the terminal did not ask for (NOTICE) at once,
+        when the session is open."""
+        if self._closed or self._state != OPEN:
+            return
+        self._emit(frame)
+        self.flush()
+
+    @property
+    def terminal(self) -> Terminal | None:
+        """The authenticated terminal, None before AUTH_OK."""
+        return self._terminal
 
     def _emit(self, frame: bytes) -> None:
         """Queue a frame, sealed once the handshake is over."""

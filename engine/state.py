@@ -139,6 +139,7 @@ class CityState:
         "card_status",
         "card_uid",
         "ceiling",
+        "debt_limit",
         "fares",
         "floor",
         "group_ids",
@@ -173,6 +174,9 @@ class CityState:
         self.pending_credit = array("q")  # decided, not yet committed, cents
         self.floor = array("q")
         self.ceiling = array("q")
+        # How far below its floor a card account may be taken by offline taps
+        # that stand (schema: accounts.debt_limit_cents; 0 for other accounts).
+        self.debt_limit = array("q")
         # Services: service id -> fares by profile, and the revenue account position.
         self.fares: dict[int, array[int]] = {}
         self.revenue_account: dict[int, int] = {}
@@ -216,7 +220,7 @@ class CityState:
 
     # --- building -------------------------------------------------------
 
-    def add_account(self, account_id: int, balance: int, floor: int, ceiling: int) -> int:
+    def add_account(self, account_id: int, balance: int, floor: int, ceiling: int, debt_limit: int = 0) -> int:
         position = len(self.account_id)
         self.account_position[account_id] = position
         self.account_id.append(account_id)
@@ -225,6 +229,7 @@ class CityState:
         self.pending_credit.append(0)
         self.floor.append(floor)
         self.ceiling.append(ceiling)
+        self.debt_limit.append(debt_limit)
         return position
 
     def add_card(
@@ -298,9 +303,15 @@ class CityState:
         self._shared_positions = []
 
     def add_accounts(
-        self, ids: Sequence[int], balances: Sequence[int], floors: Sequence[int], ceilings: Sequence[int]
+        self,
+        ids: Sequence[int],
+        balances: Sequence[int],
+        floors: Sequence[int],
+        ceilings: Sequence[int],
+        debt_limits: Sequence[int] | None = None,
     ) -> None:
-        """Append many accounts at once, column by column (see add_cards)."""
+        """Append many accounts at once, column by column (see add_cards);
+        ``debt_limits`` None: none may go below its floor."""
         start = len(self.account_id)
         count = len(ids)
         self.account_id.extend(ids)
@@ -313,6 +324,7 @@ class CityState:
         self.pending_credit.extend(zeros)
         self.floor.extend(floors)
         self.ceiling.extend(ceilings)
+        self.debt_limit.extend(debt_limits if debt_limits is not None else zeros)
 
     def update_card(
         self, uid: int, status: int, profile: int, account_id: int, holder_id: int, eligible: tuple[int, int] | None
@@ -394,31 +406,41 @@ class CityState:
     def card_count(self) -> int:
         return len(self.card_uid)
 
+    def lowest(self, account: int) -> int:
+        """The lowest balance ``account`` (a position) may ever hold: its
+        floor, less its debt allowance for offline taps that stand."""
+        return self.floor[account] - self.debt_limit[account]
+
     def check_invariants(self) -> None:
         """Raise InvariantError if any account breaks a money rule.
 
         O(accounts): for tests and for the writer's periodic self-check,
         not for the per-tap path. The scan runs in C (zip, any); only an
         account that breaks a rule is looked at in Python, to name it.
+        A balance below its floor is allowed down to the account's debt
+        limit (offline taps that stand), never further.
         """
         balance, debit, credit, floor = self.balance, self.pending_debit, self.pending_credit, self.floor
-        if not len(balance) == len(debit) == len(credit) == len(floor) == len(self.account_id):
+        debt = self.debt_limit
+        if not len(balance) == len(debit) == len(credit) == len(floor) == len(debt) == len(self.account_id):
             raise InvariantError("account columns of different lengths")
-        suspects = any(map(operator.lt, balance, floor)) or (
+        lowest = array("q", map(operator.sub, floor, debt)) if any(debt) else floor
+        suspects = any(map(operator.lt, balance, lowest)) or (
             (any(debit) or any(credit))
-            and (min(debit) < 0 or min(credit) < 0 or any(map(operator.lt, map(operator.sub, balance, debit), floor)))
+            and (min(debit) < 0 or min(credit) < 0 or any(map(operator.lt, map(operator.sub, balance, debit), lowest)))
         )
         if not suspects:
             return
         for position in range(len(self.account_id)):
             committed = self.balance[position]
-            if committed < self.floor[position]:
+            if committed < lowest[position]:
                 raise InvariantError(
                     f"account {self.account_id[position]}: balance {committed} below floor {self.floor[position]}"
+                    f" less debt limit {self.debt_limit[position]}"
                 )
             if self.pending_debit[position] < 0 or self.pending_credit[position] < 0:
                 raise InvariantError(f"account {self.account_id[position]}: negative pending amount")
-            if committed - self.pending_debit[position] < self.floor[position]:
+            if committed - self.pending_debit[position] < lowest[position]:
                 raise InvariantError(f"account {self.account_id[position]}: pending debits exceed the floor")
 
 
@@ -436,8 +458,12 @@ _CARDS_SQL = (
 
 # A whole load reads fixed-width integer columns (engine.bulk_load), so
 # every column is cast to its width and never NULL. Accounts in id order.
-_LOAD_ACCOUNTS_SQL = "SELECT id, balance_cents, floor_cents, ceiling_cents FROM accounts ORDER BY id"
-_LOAD_ACCOUNTS_WIDTHS = (8, 8, 8, 8)
+# debt_limit_cents counts for card accounts only (schema/0006_offline.sql).
+_LOAD_ACCOUNTS_SQL = (
+    "SELECT id, balance_cents, floor_cents, ceiling_cents,"
+    " CASE WHEN kind = 0 THEN debt_limit_cents ELSE 0 END FROM accounts ORDER BY id"
+)
+_LOAD_ACCOUNTS_WIDTHS = (8, 8, 8, 8, 8)
 
 # The cards, with eligibility_days() done by the server: $1 the standard
 # profile, $2/$3 its always-period, $4/$5 the empty period of a concession
@@ -530,11 +556,13 @@ async def refresh_account(conn: asyncpg.Connection, state: CityState, account_id
     if position is not None:
         return position
     row = await conn.fetchrow(
-        "SELECT balance_cents, floor_cents, ceiling_cents FROM accounts WHERE id = $1", account_id
+        "SELECT balance_cents, floor_cents, ceiling_cents, CASE WHEN kind = 0 THEN debt_limit_cents ELSE 0 END"
+        " FROM accounts WHERE id = $1",
+        account_id,
     )
     if row is None:
         raise LookupError(f"account {account_id} does not exist")
-    return state.add_account(account_id, row[0], row[1], row[2])
+    return state.add_account(account_id, row[0], row[1], row[2], row[3])
 
 
 # Products as the fast path holds them (schema/0004_products.sql).

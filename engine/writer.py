@@ -13,6 +13,13 @@ rides used of each multi-ride ticket the batch touched.
 Batches are capped by count (BATCH_TAPS_MAX); every row has a fixed size
 (about 150 bytes of arguments per tap), so the count caps the bytes too.
 
+Taps uploaded by terminals that were offline queue apart and take at most
+OFFLINE_TAPS_PER_BATCH_MAX of each batch, so a bus coming out of a tunnel
+with a day of taps adds about a millisecond to the commits the online taps
+wait for, never a whole batch; the rest of the batch is the online taps'.
+When the offline queue is full, the engine stops deciding uploads until a
+batch has taken some (``wait_offline_room``).
+
 After a failure the outcome of the batch may be unknown (the connection died
 during the commit). The writer never guesses: it reconnects, with backoff,
 until it can read whether the batch's marker row exists, and only then
@@ -34,6 +41,8 @@ from engine.decision import Decision
 from engine.limits import (
     BATCH_TAPS_MAX,
     DB_COMMAND_TIMEOUT_S,
+    OFFLINE_QUEUE_MAX,
+    OFFLINE_TAPS_PER_BATCH_MAX,
     WRITER_QUEUE_MAX,
     WRITER_RETRY_MAX_S,
     WRITER_RETRY_MIN_S,
@@ -80,20 +89,23 @@ WITH
     INSERT INTO taps (terminal_id, terminal_seq, kind, card_uid, card_counter, tap_flags,
                       requested_cents, original_seq, event_time, recorded_at, result,
                       amount_cents, balance_cents, service_id, account_id, batch_id,
-                      info, fare_profile, rules_version, product_id, original_terminal_id)
+                      info, fare_profile, rules_version, product_id, original_terminal_id,
+                      online_result)
     SELECT u.terminal_id, u.seq, u.kind, u.uid, u.counter, u.flags, u.requested, u.original,
            timestamptz 'epoch' + u.event_ms * interval '1 millisecond',
            timestamptz 'epoch' + u.recorded_ms * interval '1 millisecond',
            u.result, u.amount, u.balance, u.service_id, u.account_id, $1,
-           u.info, u.fare_profile, u.rules_version, u.product_id, u.original_terminal
+           u.info, u.fare_profile, u.rules_version, u.product_id, u.original_terminal,
+           u.online_result
     FROM unnest($3::text::int4[], $4::text::int8[], $5::text::int2[], $6::text::int8[],
                 $7::text::int8[], $8::text::int2[], $9::text::int8[], $10::text::int8[],
                 $11::text::int8[], $12::text::int8[], $13::text::int2[], $14::text::int8[],
                 $15::text::int8[], $16::text::int2[], $17::text::int8[], $18::text::int4[],
-                $19::text::int2[], $20::text::int4[], $21::text::int8[], $22::text::int4[])
+                $19::text::int2[], $20::text::int4[], $21::text::int8[], $22::text::int4[],
+                $33::text::int2[])
       AS u(terminal_id, seq, kind, uid, counter, flags, requested, original, event_ms,
            recorded_ms, result, amount, balance, service_id, account_id, info,
-           fare_profile, rules_version, product_id, original_terminal)
+           fare_profile, rules_version, product_id, original_terminal, online_result)
   ),
   account AS (
     UPDATE accounts SET balance_cents = accounts.balance_cents + d.delta
@@ -147,6 +159,8 @@ class BatchWriter:
         queue_max: int = WRITER_QUEUE_MAX,
         on_commit_metrics: Callable[[int, float], None] | None = None,
         connection: asyncpg.Connection | None = None,
+        offline_per_batch: int = OFFLINE_TAPS_PER_BATCH_MAX,
+        offline_queue_max: int = OFFLINE_QUEUE_MAX,
     ) -> None:
         if batch_taps_max < 1 or queue_max < batch_taps_max:
             raise ValueError("need 1 <= batch_taps_max <= queue_max")
@@ -157,6 +171,12 @@ class BatchWriter:
         self._batch_taps_max = batch_taps_max
         self._queue_max = queue_max
         self._queue: list[Decision] = []
+        # Offline taps, apart: at most offline_per_batch of them per batch.
+        self._offline: list[Decision] = []
+        self._offline_per_batch = min(offline_per_batch, batch_taps_max)
+        self._offline_queue_max = offline_queue_max
+        self._offline_room = asyncio.Event()
+        self._offline_room.set()
         self._in_flight = 0
         self._wakeup = asyncio.Event()
         # The connection that holds the writer lock (see connect_writer).
@@ -173,7 +193,7 @@ class BatchWriter:
 
     def depth(self) -> int:
         """Decisions queued or in flight."""
-        return len(self._queue) + self._in_flight
+        return len(self._queue) + len(self._offline) + self._in_flight
 
     def has_room(self) -> bool:
         """False when a new decision must be answered BUSY_RETRY instead."""
@@ -181,6 +201,23 @@ class BatchWriter:
 
     def submit(self, decision: Decision) -> None:
         self._queue.append(decision)
+        self._wakeup.set()
+
+    def offline_accepting(self) -> bool:
+        """False when uploaded taps must be answered BUSY_RETRY instead."""
+        return self.healthy and not self._stopping
+
+    async def wait_offline_room(self) -> bool:
+        """Wait until the offline queue has room; False when the writer
+        stopped accepting meanwhile (the database went away, or stopping)."""
+        while self.offline_accepting() and len(self._offline) >= self._offline_queue_max:
+            self._offline_room.clear()
+            await self._offline_room.wait()
+        return self.offline_accepting()
+
+    def submit_offline(self, decision: Decision) -> None:
+        """Queue an offline tap's decision (the caller waited for room)."""
+        self._offline.append(decision)
         self._wakeup.set()
 
     # --- the loop -----------------------------------------------------------
@@ -202,14 +239,13 @@ class BatchWriter:
                 log.info("database reachable again")
                 self.healthy = True
                 delay = WRITER_RETRY_MIN_S
-            if not self._queue:
+            if not self._queue and not self._offline:
                 if self._stopping:
                     break
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = self._queue[: self._batch_taps_max]
-            del self._queue[: self._batch_taps_max]
+            batch = self._next_batch()
             self._in_flight = len(batch)
             try:
                 committed = await self._commit(batch)
@@ -217,10 +253,23 @@ class BatchWriter:
                 self._in_flight = 0
             self._on_done(batch, committed)
 
+    def _next_batch(self) -> list[Decision]:
+        """The online taps, and at most offline_per_batch offline ones."""
+        offline = self._offline[: self._offline_per_batch]
+        online = self._queue[: self._batch_taps_max - len(offline)]
+        del self._queue[: len(online)]
+        if offline:
+            del self._offline[: len(offline)]
+            if len(self._offline) < self._offline_queue_max:
+                self._offline_room.set()
+        return online + offline
+
     def _fail_queue(self) -> None:
-        if self._queue:
-            batch = self._queue
+        if self._queue or self._offline:
+            batch = self._queue + self._offline
             self._queue = []
+            self._offline = []
+            self._offline_room.set()
             self.batches_failed += 1
             self._on_done(batch, False)
 
@@ -228,6 +277,7 @@ class BatchWriter:
         """Let the queue drain, then close the connection."""
         self._stopping = True
         self._wakeup.set()
+        self._offline_room.set()
 
     async def close(self) -> None:
         if self._conn is not None:

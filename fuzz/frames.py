@@ -60,9 +60,10 @@ _CUTS_MASK = 0x07
 _CUSTOM_LIMIT = 0x08
 _AS_BYTEARRAY = 0x10
 
-# Longest input by default: the longest valid frame is an ERROR of 215
-# bytes, so a few kilobytes hold dozens of frames; beyond that libFuzzer
-# only spends time copying.
+# Longest input by default: a few kilobytes hold dozens of frames, or an
+# OFFLINE_UPLOAD of 100 taps and a HOTLIST page of 400 cards; the largest
+# counted bodies (16 KiB) only repeat the same entry code, and beyond this
+# libFuzzer mostly spends its time copying.
 MAX_LEN_DEFAULT = 4096
 
 # libFuzzer's own limits, so that a hang or a leak is a finding too.
@@ -87,6 +88,13 @@ DECODERS = {
     0x13: "decode_tap_result",
     0x20: "decode_ping",
     0x21: "decode_pong",
+    0x30: "decode_hotlist_request",
+    0x31: "decode_hotlist",
+    0x32: "decode_rules_request",
+    0x33: "decode_rules",
+    0x34: "decode_notice",
+    0x40: "decode_offline_upload",
+    0x41: "decode_offline_result",
     0x7F: "decode_error",
 }
 _MSG_ERROR = 0x7F

@@ -30,13 +30,18 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from engine import fastpath
-from engine.codes import CardStatus, TerminalKind
+from engine.codes import CardStatus, HotlistReason, TerminalKind
 from engine.decision import Decision
 from engine.keys import derive_terminal_key
+from engine.offline import OfflineUploads
 from engine.processor import Processor
+from engine.rules import parse_rules
 from engine.seal import Opener, Sealer, SessionKeys, derive_session_keys
 from engine.session import SessionContext, SessionLimits, TerminalSession
+from engine.signing import ListSigner
 from engine.state import CityState, Terminal
+from engine.sync import HotList, Sync
+from engine.versions import RulesVersions, compile_version
 from engine.writer import BatchWriter
 from fuzz import FuzzFinding
 
@@ -62,6 +67,25 @@ FUNDING_FLOOR = -(2**62)
 # rather than as a hang of the rig.
 SETTLE_ROUNDS_MAX = 32  # event-loop passes to let slow-path tasks finish
 LIMITS = SessionLimits(max_in_flight=16)  # small, so the fuzzer reaches it
+
+# The rig city's rules, version 1 (what RULES sends, what offline taps name).
+RULES_VERSION = 1
+RULES_TEXT = f"""
+[rules]
+version = {RULES_VERSION}
+name = "rig city"
+
+[[services]]
+code = "bus"
+kind = "per_use"
+fares = {{ standard = {BUS_FARE} }}
+
+[[services]]
+code = "kiosk"
+kind = "identification"
+fares = {{ standard = 0 }}
+"""
+SERVICE_IDS = {"bus": BUS, "kiosk": KIOSK_SERVICE}
 
 
 def build_city() -> CityState:
@@ -145,6 +169,15 @@ class FakeWriter:
         self.queued.append(decision)
         self.submitted += 1
 
+    def offline_accepting(self) -> bool:
+        return self.room
+
+    async def wait_offline_room(self) -> bool:
+        return self.room
+
+    def submit_offline(self, decision: Decision) -> None:
+        self.submit(decision)
+
     def take(self) -> list[Decision]:
         batch, self.queued = self.queued, []
         return batch
@@ -160,7 +193,18 @@ class SessionRig:
         self.writer = FakeWriter(writer_room)
         self.processor.attach(cast(BatchWriter, self.writer))
         self.commit = commit  # batches commit (True) or roll back (False)
-        self.context = SessionContext(self.state, self.processor, MASTER_KEY, limits=LIMITS)
+        # The lists for working offline: one card on the hot list, rules version 1.
+        self.state.rules_version = RULES_VERSION
+        hotlist = HotList()
+        hotlist.apply(1, CARD_BLOCKED, HotlistReason.BLOCKED)
+        versions = RulesVersions(self.state, None)
+        versions.hold(compile_version(RULES_VERSION, parse_rules(RULES_TEXT), SERVICE_IDS, {"standard": 0}, self.state))
+        self.sync = Sync(self.state, hotlist, versions, ListSigner(MASTER_KEY))
+        self.offline = OfflineUploads(self.state, self.processor, versions)
+        self.offline.start()
+        self.context = SessionContext(
+            self.state, self.processor, MASTER_KEY, limits=LIMITS, sync=self.sync, offline=self.offline
+        )
         self.session = TerminalSession(self.context)
         self.transport = FakeTransport(self.session)
         self.session.connection_made(cast(asyncio.Transport, self.transport))
@@ -185,7 +229,7 @@ class SessionRig:
             if batch:
                 self.processor.batch_done(batch, self.commit)
                 self.state.check_invariants()
-            elif not self.processor._tasks:
+            elif not self.processor._tasks and not self.offline.busy and not self.session._tasks:
                 break
         self._check_in_flight()
 
@@ -256,6 +300,9 @@ class SessionRig:
         await self.settle()
         if not self.transport.closed:
             self.session.connection_lost(None)
+        await self.offline.stop()
+        await self.settle()
+        await self.sync.stop()
         await self.processor.drain()
         await asyncio.sleep(0)
 
@@ -293,13 +340,7 @@ class SessionRig:
         frames = self.frames()
         if self.transport.writes_after_close:
             raise FuzzFinding(f"{self.transport.writes_after_close} writes after close")
-        engine_sends = {
-            fastpath.MSG_CHALLENGE,
-            fastpath.MSG_AUTH_OK,
-            fastpath.MSG_TAP_RESULT,
-            fastpath.MSG_PONG,
-            fastpath.MSG_ERROR,
-        }
+        engine_sends = set(DECODER_BY_TYPE)
         for index, (msg_type, _, body) in enumerate(frames):
             if msg_type not in engine_sends:
                 raise FuzzFinding(f"the engine wrote a frame of type 0x{msg_type:02x}")
@@ -317,6 +358,10 @@ DECODER_BY_TYPE = {
     fastpath.MSG_AUTH_OK: "decode_auth_ok",
     fastpath.MSG_TAP_RESULT: "decode_tap_result",
     fastpath.MSG_PONG: "decode_pong",
+    fastpath.MSG_HOTLIST: "decode_hotlist",
+    fastpath.MSG_RULES: "decode_rules",
+    fastpath.MSG_NOTICE: "decode_notice",
+    fastpath.MSG_OFFLINE_RESULT: "decode_offline_result",
     fastpath.MSG_ERROR: "decode_error",
 }
 

@@ -66,7 +66,7 @@ def test_a_fare_and_a_topup(fp: ModuleType) -> None:
     )
     declined = decision(fp, terminal_seq=1003, card_uid=99, result=17)
     arguments = fp.encode_batch(5, [fare, topup, declined], ACCOUNTS, TRANSFERS_PER_BATCH)
-    assert len(arguments) == 32
+    assert len(arguments) == 33
     assert arguments[:4] == (5, 3, "{7,7,7}", "{1001,1002,1003}")
     assert arguments[9] == "{NULL,NULL,NULL}"  # original_seq
     assert arguments[16] == "{1000001,1000001,NULL}"  # the card's account id, NULL when unknown
@@ -80,6 +80,7 @@ def test_a_fare_and_a_topup(fp: ModuleType) -> None:
     assert arguments[24:27] == ("{5120,5121}", "{0,1}", "{1,1}")
     assert arguments[27:30] == ("{5120,5120,5121,5121}", "{11,1000001,1,1000001}", "{150,-150,-500,500}")
     assert arguments[30:32] == ("{}", "{}")  # no ticket rides
+    assert arguments[32] == "{NULL,NULL,NULL}"  # decided online: no second opinion
 
 
 def test_rides_and_refunds_of_other_terminals(fp: ModuleType) -> None:
@@ -167,3 +168,18 @@ def test_twins_agree(rows: list[dict[str, object]]) -> None:
     expected = pure.encode_batch(3, [decision(pure, **row) for row in rows], ACCOUNTS, TRANSFERS_PER_BATCH)
     actual = compiled.encode_batch(3, [decision(compiled, **row) for row in rows], ACCOUNTS, TRANSFERS_PER_BATCH)
     assert actual == expected
+
+
+def test_an_offline_tap_carries_the_engines_own_result(fp: ModuleType) -> None:
+    """A tap decided offline records the engine's own decision of it beside
+    the terminal's (docs/offline.md), and the amount its terminal charged."""
+    # Its card unknown to the engine: nothing charged, 150 uncollected.
+    stands = decision(fp, terminal_seq=1, requested=150, info=fp.INFO_OFFLINE | fp.INFO_OFFLINE_DIFFERS)
+    stands.online_result = fp.RESULT_UNKNOWN_CARD
+    online = decision(fp, terminal_seq=2)
+    arguments = fp.encode_batch(5, [stands, online], ACCOUNTS, TRANSFERS_PER_BATCH)
+    assert arguments[32] == "{17,NULL}"
+    assert arguments[8] == "{150,0}"  # requested: what the terminal charged
+    assert arguments[17] == "{768,0}"
+    # The tap is one request whatever its terminal charged.
+    assert stands.fingerprint() == decision(fp, terminal_seq=1).fingerprint()

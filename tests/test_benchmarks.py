@@ -142,3 +142,37 @@ def test_end_to_end_benchmark_reports_sane_figures(fresh_db: Callable[..., str],
     assert report["machine"]["cpu_count"] >= 1
     assert report["versions"]["fastpath"] in ("cython", "pure")
     assert report["versions"]["postgres"]
+
+
+@pytest.mark.slow
+def test_offline_upload_benchmark_reports_its_figures(fresh_db: Callable[..., str], tmp_path: Path) -> None:
+    """python -m benchmarks.offline_upload: every tap applied once, whatever
+    the second pass uploads, with the online figures beside it."""
+    dsn = fresh_db(migrated=False)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.offline_upload",
+            *("--taps", "700", "--rate", "100", "--connections", "2", "--cards", "500"),
+            *("--warmup", "0.2", "--baseline", "0.5", "--dsn", dsn, "--data-dir", str(tmp_path), "--json"),
+        ],
+        cwd=REPOSITORY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BENCHMARK_TIMEOUT_S,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = [line for line in completed.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, completed.stdout
+    report = orjson.loads(lines[0])
+    assert (report["uploaded"], report["applied"], report["duplicates_applied"]) == (700, 700, 0)
+    assert report["second_pass_identical"] and report["charged_cents_match"]
+    assert report["frames_per_pass"] == 3  # 256 taps a frame
+    assert report["second_pass"]["outcomes"]["duplicate"] == 700
+    assert report["online_p99_ms"] > 0 and report["online_objective_ms"] == 10.0
+    assert report["online_errors"] == 0
+    assert report["online_during_upload"]["taps"] > 0 and report["online_without_uploads"]["count"] > 0
+    assert report["hotlist"]["pages"] >= 1 and report["rules_version"] == 1
+    assert report["host_stalls"]["probe_seconds"] > 0  # it ran beside the online load
+    assert report["versions"]["fastpath"] in ("cython", "pure")

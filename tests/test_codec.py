@@ -122,7 +122,29 @@ SAMPLES: list[tuple[str, MessageType, int, tuple[Any, ...]]] = [
     ("error", MessageType.ERROR, 8, (1, "frame length 20000 above maximum 16380")),
     ("error", MessageType.ERROR, 0, (14, "")),
     ("error", MessageType.ERROR, 9, (9, "señal ünïcode ✓")),
+    ("hotlist_request", MessageType.HOTLIST_REQUEST, 11, (41, 0x04A1B2C3D4E580)),
+    ("hotlist", MessageType.HOTLIST, 11, (2, 41, 45, 0, [(0x04A1B2C3D4E580, 2), (U64, 0)], bytes(range(64)))),
+    ("hotlist", MessageType.HOTLIST, 12, (1, 0, 45, 7, [], b"\xff" * 64)),
+    ("rules_request", MessageType.RULES_REQUEST, 13, (U32,)),
+    (
+        "rules",
+        MessageType.RULES,
+        13,
+        (2, 1, 0, 200, 100, 300, 0, 45, 50, 300, -1, [(0, 150), (1, 75), (63, U32)], bytes(range(64, 128))),
+    ),
+    ("notice", MessageType.NOTICE, 0, (U64, 7)),
+    ("offline_upload", MessageType.OFFLINE_UPLOAD, 14, ([(1001, 0x04A1, 3, 1_767_225_601_234, 1, 2, 0, 150)] * 3,)),
+    ("offline_upload", MessageType.OFFLINE_UPLOAD, 15, ([],)),
+    ("offline_result", MessageType.OFFLINE_RESULT, 14, ([(1001, 0, 150, -50, 0x300), (1002, 18, 0, 7, 0x100)],)),
 ]
+# Bodies sized by a count of entries (COUNTED_LAYOUTS): head, count offset,
+# entry, tail, most entries.
+COUNTED = {
+    MessageType.HOTLIST: (27, 25, 9, 64, limits.HOTLIST_PAGE_ENTRIES_MAX),
+    MessageType.RULES: (36, 34, 5, 64, limits.RULES_FARES_MAX),
+    MessageType.OFFLINE_UPLOAD: (2, 0, 38, 0, limits.OFFLINE_TAPS_PER_UPLOAD_MAX),
+    MessageType.OFFLINE_RESULT: (2, 0, 23, 0, limits.OFFLINE_TAPS_PER_UPLOAD_MAX),
+}
 
 
 def decoded(args: tuple[Any, ...]) -> Any:
@@ -156,14 +178,21 @@ def test_constants_match_codes_and_limits(fp: ModuleType) -> None:
         "SEAL_COUNTER_BYTES",
         "SEAL_TAG_BYTES",
         "SEAL_TRAILER_BYTES",
+        "SIGNATURE_BYTES",
+        "HOTLIST_PAGE_ENTRIES_MAX",
+        "RULES_FARES_MAX",
+        "OFFLINE_TAPS_PER_UPLOAD_MAX",
     ):
         assert getattr(fp, name) == getattr(limits, name), name
+    for flag in (TapInfo.OFFLINE, TapInfo.OFFLINE_DIFFERS):
+        assert getattr(fp, f"INFO_{flag.name}") == flag
     assert fp.FLAG_SEALED == FrameFlag.SEALED
     assert fp.MIN_FRAME_LENGTH == limits.FRAME_HEADER_BYTES - 4
 
 
 def test_body_sizes_cover_every_fixed_size_type(fp: ModuleType) -> None:
-    assert set(fp.BODY_SIZES) == set(MessageType) - {MessageType.ERROR}
+    assert set(fp.BODY_SIZES) == set(MessageType) - {MessageType.ERROR} - set(COUNTED)
+    assert fp.COUNTED_LAYOUTS == COUNTED
     assert fp.BODY_SIZES == {
         0x01: 22,
         0x02: 16,
@@ -175,7 +204,13 @@ def test_body_sizes_cover_every_fixed_size_type(fp: ModuleType) -> None:
         0x13: 23,
         0x20: 8,
         0x21: 8,
+        0x30: 16,
+        0x32: 4,
+        0x34: 12,
     }
+    # The largest counted bodies fit a sealed frame.
+    for head, _count_at, entry, tail, most in COUNTED.values():
+        assert 12 + head + most * entry + tail + 24 <= limits.MAX_FRAME_BYTES
 
 
 def test_twins_export_the_same_api(twins: tuple[ModuleType, ModuleType]) -> None:
@@ -205,7 +240,13 @@ def test_round_trip_every_message_type(
         0,
         request_id,
     )
-    if msg_type != MessageType.ERROR:
+    if msg_type in COUNTED:
+        head, _count_at, entry, tail, _most = COUNTED[msg_type]
+        assert (
+            len(frame)
+            == 12 + head + len(args[-2 if msg_type in (MessageType.HOTLIST, MessageType.RULES) else 0]) * entry + tail
+        )
+    elif msg_type != MessageType.ERROR:
         assert len(frame) == 12 + fp.BODY_SIZES[msg_type]
     reader = fp.FrameReader()
     [(got_type, got_request_id, body)] = reader.feed(frame)
@@ -872,7 +913,7 @@ def test_error_text_with_lone_surrogate_is_encoded(fp: ModuleType) -> None:
 
 @pytest.mark.parametrize(
     ("name", "msg_type"),
-    [(t.name.lower(), t) for t in MessageType if t != MessageType.ERROR],
+    [(t.name.lower(), t) for t in MessageType if t != MessageType.ERROR and t not in COUNTED],
 )
 def test_decoder_refuses_a_wrong_body_length(fp: ModuleType, name: str, msg_type: MessageType) -> None:
     size = fp.BODY_SIZES[msg_type]
@@ -1111,3 +1152,140 @@ def test_selector_honours_the_environment_switch(
     finally:
         monkeypatch.undo()
         importlib.reload(engine.fastpath)
+
+
+# --- Counted bodies (HOTLIST, RULES, OFFLINE_UPLOAD, OFFLINE_RESULT) -------------
+
+
+@pytest.mark.parametrize("msg_type", list(COUNTED), ids=lambda t: t.name)
+def test_counted_body_lengths_are_judged_from_the_header_then_the_count(fp: ModuleType, msg_type: MessageType) -> None:
+    head, count_at, entry, tail, most = COUNTED[msg_type]
+    name = msg_type.name
+    fixed = head + tail
+    # From the header alone: a length no count can make.
+    for length in (fixed - 1, fixed + 1, fixed + most * entry + entry):
+        reader = fp.FrameReader()
+        assert reader.feed(header(8 + length, msg_type, request_id=3)) == []
+        assert reader.error is not None and (reader.error.code, reader.error.request_id) == (
+            ErrorCode.BAD_BODY_LENGTH,
+            3,
+        )
+        assert str(reader.error) == f"{name} body length {length}, expected {fixed} + {entry} * count (count 0..{most})"
+    # Then the count: the length must be exactly its own, judged as soon as the count has arrived.
+    body = bytearray(fixed + 2 * entry)
+    body[count_at : count_at + 2] = (3).to_bytes(2, "big")
+    data = header(8 + len(body), msg_type, request_id=4) + bytes(body)
+    reader = fp.FrameReader()
+    for index in range(12 + count_at + 1):
+        assert reader.feed(data[index : index + 1]) == [] and reader.error is None
+    assert reader.feed(data[12 + count_at + 1 : 12 + count_at + 2]) == []
+    assert reader.error is not None and reader.error.request_id == 4
+    assert str(reader.error) == f"{name} body length {len(body)}, expected {fixed} + {entry} * count 3"
+    # Decoders judge a body handed to them the same way.
+    decode = getattr(fp, f"decode_{name.lower()}")
+    with pytest.raises(fp.ProtocolError) as raised:
+        decode(bytes(body))
+    assert str(raised.value) == f"{name} body length {len(body)}, expected {fixed} + {entry} * count 3"
+    with pytest.raises(fp.ProtocolError) as raised:
+        decode(bytes(fixed - 1))
+    assert raised.value.code == ErrorCode.BAD_BODY_LENGTH
+
+
+def test_the_largest_counted_frames_round_trip(fp: ModuleType) -> None:
+    entries = [(U64 - n, n % 7) for n in range(limits.HOTLIST_PAGE_ENTRIES_MAX)]
+    frame = fp.encode_hotlist(1, 2, 5, 9, 0, entries, bytes(64))
+    reader = fp.FrameReader()
+    [(_msg_type, _, body)] = reader.feed(frame)
+    assert fp.decode_hotlist(body)[4] == entries
+    taps = [(n, n, n, n, 0, 1, 0, n) for n in range(limits.OFFLINE_TAPS_PER_UPLOAD_MAX)]
+    assert fp.decode_offline_upload(fp.encode_offline_upload(1, taps)[12:]) == taps
+
+
+COUNTED_MISUSE: list[tuple[str, Callable[[ModuleType], Any], type[Exception], str]] = [
+    (
+        "entries-not-a-list",
+        lambda fp: fp.encode_hotlist(1, 0, 0, 0, 0, 5, bytes(64)),
+        TypeError,
+        "entries must be a list, not int",
+    ),
+    (
+        "too-many-entries",
+        lambda fp: fp.encode_hotlist(1, 0, 0, 0, 0, [(1, 1)] * 1801, bytes(64)),
+        ValueError,
+        "entries has 1801 entries, at most 1800",
+    ),
+    (
+        "entry-not-a-tuple",
+        lambda fp: fp.encode_hotlist(1, 0, 0, 0, 0, [5], bytes(64)),
+        TypeError,
+        "entries[0] must be a tuple, not int",
+    ),
+    (
+        "entry-arity",
+        lambda fp: fp.encode_hotlist(1, 0, 0, 0, 0, [(1, 2, 3)], bytes(64)),
+        ValueError,
+        "entries[0] must have 2 fields, got 3",
+    ),
+    (
+        "reason",
+        lambda fp: fp.encode_hotlist(1, 0, 0, 0, 0, [(1, 256)], bytes(64)),
+        ValueError,
+        "reason 256 out of range for u8 (0..255)",
+    ),
+    (
+        "signature",
+        lambda fp: fp.encode_hotlist(1, 0, 0, 0, 0, [], bytes(63)),
+        ValueError,
+        "signature must be 64 bytes, got 63",
+    ),
+    (
+        "cap",
+        lambda fp: fp.encode_rules(1, 1, 1, 0, 0, 0, 0, 0, 0, 0, I32_MAX + 1, -1, [], bytes(64)),
+        ValueError,
+        "cap_daily_cents 2147483648 out of range for i32 (-2147483648..2147483647)",
+    ),
+    (
+        "fare",
+        lambda fp: fp.encode_rules(1, 1, 1, 0, 0, 0, 0, 0, 0, 0, -1, -1, [(0, -1)], bytes(64)),
+        ValueError,
+        "fare_cents -1 out of range for u32 (0..4294967295)",
+    ),
+    (
+        "taps",
+        lambda fp: fp.encode_offline_upload(1, [(1, 1, 1, 1, 1, 1, 1, 1)] * 257),
+        ValueError,
+        "taps has 257 entries, at most 256",
+    ),
+    (
+        "tap-amount",
+        lambda fp: fp.encode_offline_upload(1, [(1, 1, 1, 1, 1, 1, 1, U32 + 1)]),
+        ValueError,
+        "amount_cents 4294967296 out of range for u32 (0..4294967295)",
+    ),
+    (
+        "result-info",
+        lambda fp: fp.encode_offline_result(1, [(1, 0, 0, 0, U16 + 1)]),
+        ValueError,
+        "info 65536 out of range for u16 (0..65535)",
+    ),
+    (
+        "notice",
+        lambda fp: fp.encode_notice(0, 0, U32 + 1),
+        ValueError,
+        "rules_version 4294967296 out of range for u32 (0..4294967295)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "exc_type", "message"),
+    [case[1:] for case in COUNTED_MISUSE],
+    ids=[case[0] for case in COUNTED_MISUSE],
+)
+def test_counted_encoder_misuse(
+    fp: ModuleType, call: Callable[[ModuleType], Any], exc_type: type[Exception], message: str
+) -> None:
+    with pytest.raises(exc_type) as raised:
+        call(fp)
+    assert type(raised.value) is exc_type
+    assert str(raised.value) == message

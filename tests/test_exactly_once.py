@@ -43,9 +43,7 @@ async def test_retry_on_same_connection(city_dsn: str, tmp_path: Path, conn: asy
     assert await taps_recorded(conn, seq) == 1
 
 
-async def test_duplicates_in_flight_share_one_decision(
-    city_dsn: str, tmp_path: Path, conn: asyncpg.Connection
-) -> None:
+async def test_duplicates_in_flight_share_one_decision(city_dsn: str, tmp_path: Path, conn: asyncpg.Connection) -> None:
     card = await add_card(conn, balance=1000)
     async with start_engine(city_dsn, tmp_path) as engine:
         client = await engine.client()

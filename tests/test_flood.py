@@ -19,7 +19,14 @@ def test_flood_is_closed_by_deadline_and_terminals_are_served(fresh_db: Callable
     dsn = fresh_db(migrated=False)
     code, report = run_json_module(
         "benchmarks.flood",
-        "--idle", "400", "--slow", "40", "--dsn", dsn, "--data-dir", str(tmp_path),
+        "--idle",
+        "400",
+        "--slow",
+        "40",
+        "--dsn",
+        dsn,
+        "--data-dir",
+        str(tmp_path),
         timeout_s=FLOOD_TIMEOUT_S,
     )
     assert code == 0, report

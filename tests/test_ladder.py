@@ -137,7 +137,16 @@ def new_decision(
     global _seq
     _seq += 1
     return fp.Decision(
-        terminal_id, _seq, kind, uid, counter, flags, requested, original_seq, recorded_ms - 5, recorded_ms,
+        terminal_id,
+        _seq,
+        kind,
+        uid,
+        counter,
+        flags,
+        requested,
+        original_seq,
+        recorded_ms - 5,
+        recorded_ms,
         city.terminals[terminal_id].service_id,
     )
 
@@ -213,8 +222,10 @@ def test_fingerprints(fp: ModuleType) -> None:
     # A REVERSAL's card comes from the record, not the request: it does not count.
     r = fp.Decision(7, 1002, REVERSAL, 0, 0, 0, 0, 1001, 1_000, 2_000, BUS)
     r.card_uid = 0x04A1
-    assert r.fingerprint() == (2, 0, 0, 0, 0, 1_000, 1001, 7) == fp.request_fingerprint(
-        REVERSAL, 0, 0, 0, 0, 1_000, 1001, 7
+    assert (
+        r.fingerprint()
+        == (2, 0, 0, 0, 0, 1_000, 1001, 7)
+        == fp.request_fingerprint(REVERSAL, 0, 0, 0, 0, 1_000, 1001, 7)
     )
     # The terminal whose tap it reverses is part of it: a refund of another
     # terminal's sequence 1001 is another request.
@@ -258,18 +269,72 @@ CASES = [
     Case("tap not served", TAP, LIBRARY_GATE, STUDENT, R.SERVICE_NOT_ALLOWED, 0, 500),
     Case("tap insufficient", TAP, BUS_VALIDATOR, POOR, R.INSUFFICIENT_FUNDS, 0, 100),
     # Concessions apply only while the holder's eligibility is valid.
-    Case("tap concession expired: standard fare", TAP, BUS_VALIDATOR, EXPIRED_STUDENT, R.APPROVED,
-         BUS_FARE, 500 - BUS_FARE, info=NOT_VALID, fare_profile=STANDARD),
-    Case("tap concession not started: standard fare", TAP, BUS_VALIDATOR, FUTURE_STUDENT, R.APPROVED,
-         BUS_FARE, 500 - BUS_FARE, info=NOT_VALID, fare_profile=STANDARD),
-    Case("tap concession never registered: standard fare", TAP, BUS_VALIDATOR, UNREGISTERED_STUDENT, R.APPROVED,
-         BUS_FARE, 500 - BUS_FARE, info=NOT_VALID, fare_profile=STANDARD),
-    Case("tap concession ending: renew", TAP, BUS_VALIDATOR, RENEWING_STUDENT, R.APPROVED,
-         BUS_FARE_STUDENT, 500 - BUS_FARE_STUDENT, info=RENEWAL, fare_profile=STUDENT_PROFILE),
-    Case("tap concession last day still valid", TAP, BUS_VALIDATOR, LAST_DAY_STUDENT, R.APPROVED,
-         BUS_FARE_STUDENT, 500 - BUS_FARE_STUDENT, info=RENEWAL, fare_profile=STUDENT_PROFILE),
-    Case("tap expired concession where only standard is served", TAP, LIBRARY_GATE, EXPIRED_STUDENT, R.APPROVED,
-         0, 500, info=NOT_VALID, fare_profile=STANDARD),
+    Case(
+        "tap concession expired: standard fare",
+        TAP,
+        BUS_VALIDATOR,
+        EXPIRED_STUDENT,
+        R.APPROVED,
+        BUS_FARE,
+        500 - BUS_FARE,
+        info=NOT_VALID,
+        fare_profile=STANDARD,
+    ),
+    Case(
+        "tap concession not started: standard fare",
+        TAP,
+        BUS_VALIDATOR,
+        FUTURE_STUDENT,
+        R.APPROVED,
+        BUS_FARE,
+        500 - BUS_FARE,
+        info=NOT_VALID,
+        fare_profile=STANDARD,
+    ),
+    Case(
+        "tap concession never registered: standard fare",
+        TAP,
+        BUS_VALIDATOR,
+        UNREGISTERED_STUDENT,
+        R.APPROVED,
+        BUS_FARE,
+        500 - BUS_FARE,
+        info=NOT_VALID,
+        fare_profile=STANDARD,
+    ),
+    Case(
+        "tap concession ending: renew",
+        TAP,
+        BUS_VALIDATOR,
+        RENEWING_STUDENT,
+        R.APPROVED,
+        BUS_FARE_STUDENT,
+        500 - BUS_FARE_STUDENT,
+        info=RENEWAL,
+        fare_profile=STUDENT_PROFILE,
+    ),
+    Case(
+        "tap concession last day still valid",
+        TAP,
+        BUS_VALIDATOR,
+        LAST_DAY_STUDENT,
+        R.APPROVED,
+        BUS_FARE_STUDENT,
+        500 - BUS_FARE_STUDENT,
+        info=RENEWAL,
+        fare_profile=STUDENT_PROFILE,
+    ),
+    Case(
+        "tap expired concession where only standard is served",
+        TAP,
+        LIBRARY_GATE,
+        EXPIRED_STUDENT,
+        R.APPROVED,
+        0,
+        500,
+        info=NOT_VALID,
+        fare_profile=STANDARD,
+    ),
     # TOPUP
     Case("topup approved", TOPUP, KIOSK, POOR, R.APPROVED, 500, 600, requested=500),
     Case("topup largest", TOPUP, KIOSK, POOR, R.APPROVED, 50_000, 50_100, requested=50_000),
@@ -324,11 +389,20 @@ def test_ladder_table(fp: ModuleType, case: Case) -> None:
 
 def test_table_covers_every_result_of_tap_and_topup() -> None:
     assert {c.result for c in CASES if c.kind == TAP} == {
-        R.APPROVED, R.TERMINAL_NOT_ALLOWED, R.UNKNOWN_CARD, R.CARD_NOT_ACTIVE, R.SERVICE_NOT_ALLOWED,
+        R.APPROVED,
+        R.TERMINAL_NOT_ALLOWED,
+        R.UNKNOWN_CARD,
+        R.CARD_NOT_ACTIVE,
+        R.SERVICE_NOT_ALLOWED,
         R.INSUFFICIENT_FUNDS,
     }
     assert {c.result for c in CASES if c.kind == TOPUP} == {
-        R.APPROVED, R.TERMINAL_NOT_ALLOWED, R.UNKNOWN_CARD, R.CARD_NOT_ACTIVE, R.INVALID_AMOUNT, R.BALANCE_LIMIT,
+        R.APPROVED,
+        R.TERMINAL_NOT_ALLOWED,
+        R.UNKNOWN_CARD,
+        R.CARD_NOT_ACTIVE,
+        R.INVALID_AMOUNT,
+        R.BALANCE_LIMIT,
     }
 
 
@@ -336,8 +410,13 @@ def test_pending_debits_lower_what_the_next_tap_sees(fp: ModuleType) -> None:
     city = build_city()
     results = [tap(fp, city, BUS_VALIDATOR, RICH) for _ in range(7)]
     assert [(d.result, d.balance) for d in results] == [
-        (R.APPROVED, 850), (R.APPROVED, 700), (R.APPROVED, 550), (R.APPROVED, 400), (R.APPROVED, 250),
-        (R.APPROVED, 100), (R.INSUFFICIENT_FUNDS, 100),
+        (R.APPROVED, 850),
+        (R.APPROVED, 700),
+        (R.APPROVED, 550),
+        (R.APPROVED, 400),
+        (R.APPROVED, 250),
+        (R.APPROVED, 100),
+        (R.INSUFFICIENT_FUNDS, 100),
     ]
     assert city.pending_debit[account_of(city, RICH)] == 6 * BUS_FARE
     assert city.balance[account_of(city, RICH)] == 1000  # committed only by the writer
@@ -543,10 +622,18 @@ TERMINALS = [BUS_VALIDATOR, LIBRARY_GATE, KIOSK, INACTIVE_VALIDATOR, INACTIVE_KI
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("tap"), st.sampled_from(TERMINALS), st.sampled_from(UIDS), st.sampled_from([0, 1])),
-        st.tuples(st.just("topup"), st.sampled_from(TERMINALS), st.sampled_from(UIDS),
-                  st.integers(min_value=-10, max_value=60_000)),
-        st.tuples(st.just("reversal"), st.sampled_from(TERMINALS), st.integers(min_value=0, max_value=40),
-                  st.integers(min_value=0, max_value=2 * WINDOW_MS)),
+        st.tuples(
+            st.just("topup"),
+            st.sampled_from(TERMINALS),
+            st.sampled_from(UIDS),
+            st.integers(min_value=-10, max_value=60_000),
+        ),
+        st.tuples(
+            st.just("reversal"),
+            st.sampled_from(TERMINALS),
+            st.integers(min_value=0, max_value=40),
+            st.integers(min_value=0, max_value=2 * WINDOW_MS),
+        ),
         st.tuples(st.just("commit"), st.just(0), st.just(0), st.just(0)),
     ),
     max_size=60,
@@ -555,8 +642,18 @@ operations = st.lists(
 
 def _fields(d: Any) -> tuple[Any, ...]:
     return (
-        d.terminal_id, d.terminal_seq, d.kind, d.card_uid, d.result, d.amount, d.balance, d.card_account,
-        d.source, d.target, d.ledger_kind, d.fingerprint(),
+        d.terminal_id,
+        d.terminal_seq,
+        d.kind,
+        d.card_uid,
+        d.result,
+        d.amount,
+        d.balance,
+        d.card_account,
+        d.source,
+        d.target,
+        d.ledger_kind,
+        d.fingerprint(),
     )
 
 
@@ -585,16 +682,29 @@ def _run(fp: ModuleType, ops: list[tuple[str, int, int, int]]) -> tuple[list[tup
             original = None
             if previous is not None and previous.result == R.APPROVED and previous.amount:
                 original = fp.Original(
-                    previous.kind, previous.card_uid, previous.amount, city.account_id[previous.card_account],
-                    previous.recorded_ms, previous.service_id,
+                    previous.kind,
+                    previous.card_uid,
+                    previous.amount,
+                    city.account_id[previous.card_account],
+                    previous.recorded_ms,
+                    previous.service_id,
                 )
             d = fp.Decision(terminal_id, seq, REVERSAL, 0, 0, 0, 0, who, 0, RECORDED_MS + value, terminal.service_id)
             fp.decide_reversal(city, terminal, d, original, who % 7 == 6, WINDOW_MS)
         else:
             kind = TAP if op == "tap" else TOPUP
             d = fp.Decision(
-                terminal_id, seq, kind, who, 0, value if op == "tap" else 0, value if op == "topup" else 0, None,
-                0, RECORDED_MS, terminal.service_id,
+                terminal_id,
+                seq,
+                kind,
+                who,
+                0,
+                value if op == "tap" else 0,
+                value if op == "topup" else 0,
+                None,
+                0,
+                RECORDED_MS,
+                terminal.service_id,
             )
             (fp.decide_tap if op == "tap" else fp.decide_topup)(city, terminal, d)
         decided.append(d)

@@ -263,7 +263,7 @@ def test_flags_are_counted_per_service_and_flag() -> None:
         metrics.count_decision(FakeDecision())  # type: ignore[arg-type]
     families = {family.name: family for family in metrics.collect_decisions()}
     flagged = {(s.labels["service"], s.labels["flag"]): s.value for s in families["citycard_tap_flags"].samples}
-    assert len(flagged) == 2 * 8  # every (service, flag) pair from zero
+    assert len(flagged) == 2 * 10  # every (service, flag) pair from zero
     assert flagged[("bus", "sharing_suspected")] == flagged[("bus", "show_id")] == 3
     assert flagged[("bus", "transfer")] == flagged[("pools", "show_id")] == 0
 

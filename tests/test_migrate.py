@@ -178,11 +178,23 @@ async def _violates(conn: asyncpg.Connection, error: type[Exception], sql: str, 
 
 
 async def test_a_balance_below_the_floor_is_rejected(world: asyncpg.Connection) -> None:
-    await _violates(world, asyncpg.CheckViolationError, "UPDATE accounts SET balance_cents = -1 WHERE id = 1000001")
+    # A card account goes below its floor only by its debt limit (offline
+    # taps that stand, docs/offline.md), other accounts never.
+    await _violates(world, asyncpg.CheckViolationError, "UPDATE accounts SET balance_cents = -2001 WHERE id = 1000001")
     await _violates(
         world,
         asyncpg.CheckViolationError,
-        "INSERT INTO accounts (id, kind, name, balance_cents) VALUES (5, 0, 'x', -1)",
+        "UPDATE accounts SET balance_cents = -1, debt_limit_cents = 0 WHERE id = 1000001",
+    )
+    await _violates(
+        world,
+        asyncpg.CheckViolationError,
+        "INSERT INTO accounts (id, kind, name, balance_cents) VALUES (5, 1, 'x', -1)",
+    )
+    await _violates(
+        world,
+        asyncpg.CheckViolationError,
+        "INSERT INTO accounts (id, kind, name, debt_limit_cents) VALUES (7, 0, 'x', 100001)",
     )
     # A card may be allowed a small debt, never more than 1,000 EUR.
     await _violates(

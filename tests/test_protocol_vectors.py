@@ -3,10 +3,11 @@
 The vectors are read FROM the markdown (section "Test vectors"), so the
 document a vendor implements from and the engine's codec cannot drift
 apart: a changed byte in either fails here. The block format (```vector,
-```handshake, ```session_keys, ```sealed and ```reject fences of ``key:
-value`` lines) is described in that section. Sealed frames are checked
-against the document's formulas computed here with ``hmac`` alone, against
-``engine/seal.py``, and through both twins' frame readers.
+```handshake, ```session_keys, ```sealed, ```list_key and ```reject fences
+of ``key: value`` lines) is described in that section. Sealed frames are
+checked against the document's formulas computed here with ``hmac`` alone,
+against ``engine/seal.py``, and through both twins' frame readers; signed
+lists against the document's key derivation and Ed25519.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from engine import fastpath
 from engine.codes import ErrorCode, FrameFlag, MessageType, ResultCode, TapInfo
 from engine.seal import Opener, Sealer, derive_session_keys
+from engine.signing import ListSigner
 
 PROTOCOL_DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -84,10 +89,40 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "PING": (("payload", "int"),),
     "PONG": (("payload", "int"),),
     "ERROR": (("code", "error"), ("text", "text")),
+    "HOTLIST_REQUEST": (("since_version", "int"), ("after_uid", "int")),
+    "HOTLIST": (
+        ("flags", "int"),
+        ("since_version", "int"),
+        ("version", "int"),
+        ("after_uid", "int"),
+        ("entries", "list"),
+        ("signature", "hex"),
+    ),
+    "RULES_REQUEST": (("rules_version", "int"),),
+    "RULES": (
+        ("rules_version", "int"),
+        ("service_id", "int"),
+        ("service_kind", "int"),
+        ("min_balance_to_enter_cents", "int"),
+        ("tolerated_negative_cents", "int"),
+        ("passback_window_s", "int"),
+        ("max_charge_cents", "int"),
+        ("transfer_window_minutes", "int"),
+        ("transfer_percent_off", "int"),
+        ("cap_daily_cents", "int"),
+        ("cap_monthly_cents", "int"),
+        ("fares", "list"),
+        ("signature", "hex"),
+    ),
+    "NOTICE": (("hotlist_version", "int"), ("rules_version", "int")),
+    "OFFLINE_UPLOAD": (("taps", "list"),),
+    "OFFLINE_RESULT": (("results", "list"),),
 }
+# The label each signed list's signature is over (docs/protocol.md, "Signed lists").
+SIGNED = {"HOTLIST": b"citycard/v1/hotlist", "RULES": b"citycard/v1/rules"}
 assert set(FIELDS) == {member.name for member in MessageType}
 
-BLOCK = re.compile(r"^```(vector|handshake|session_keys|sealed|reject)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+BLOCK = re.compile(r"^```(vector|handshake|session_keys|sealed|list_key|reject)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 INTEGER = re.compile(r"-?(?:0x[0-9a-f]+|0|[1-9][0-9]*)")
 HEX = re.compile(r"(?:[0-9a-f]{2}| )*")
 
@@ -125,6 +160,11 @@ def parse_value(kind: str, text: str) -> Any:
         value = json.loads(text)
         assert isinstance(value, str)
         return value
+    if kind == "list":
+        entries = json.loads(text)
+        assert isinstance(entries, list) and all(isinstance(entry, list) for entry in entries)
+        assert all(isinstance(field, int) for entry in entries for field in entry)
+        return [tuple(entry) for entry in entries]
     if kind == "info":
         # The number in hex, then its bits' names, lowest first: both must agree.
         number, *names = text.split()
@@ -146,6 +186,7 @@ VECTORS = [fields for kind, fields in BLOCKS if kind == "vector"]
 REJECTS = [fields for kind, fields in BLOCKS if kind == "reject"]
 [HANDSHAKE] = [fields for kind, fields in BLOCKS if kind == "handshake"]
 [SESSION_KEYS] = [fields for kind, fields in BLOCKS if kind == "session_keys"]
+[LIST_KEY] = [fields for kind, fields in BLOCKS if kind == "list_key"]
 SEALED = [fields for kind, fields in BLOCKS if kind == "sealed"]
 
 
@@ -395,3 +436,43 @@ def test_sealed_vector(fp: ModuleType, sealed: dict[str, str]) -> None:
         with pytest.raises(fastpath.ProtocolError) as raised:
             opener.open(got_type, got_request_id, data)
         assert raised.value.code == code
+
+
+# --- Signed lists -------------------------------------------------------------------------
+
+
+def test_list_key_worked_example() -> None:
+    assert list(LIST_KEY) == ["master_secret", "seed", "public_key"]
+    master = parse_value("hex", LIST_KEY["master_secret"])
+    seed = parse_value("hex", LIST_KEY["seed"])
+    public_key = parse_value("hex", LIST_KEY["public_key"])
+    assert master == bytes(range(0x40, 0x60))
+    # The document's formula (HKDF-SHA256 without salt, one block), computed here...
+    prk = hmac.new(bytes(32), master, hashlib.sha256).digest()
+    assert seed == hmac.new(prk, b"citycard/v1/list-signing-key" + b"\x01", hashlib.sha256).digest()
+    derived = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert derived == public_key
+    # ...and by the engine.
+    assert ListSigner(master).public_key == public_key
+
+
+@pytest.mark.parametrize(
+    "vector", [v for v in VECTORS if v["message"] in SIGNED], ids=lambda v: f"{v['message']}-request-{v['request_id']}"
+)
+def test_signed_list_vector(vector: dict[str, str]) -> None:
+    """The signature verifies with the documented key over the label and the
+    body before it; it is what the engine signs; a changed bit fails it."""
+    public_key = Ed25519PublicKey.from_public_bytes(parse_value("hex", LIST_KEY["public_key"]))
+    body = bytes.fromhex(vector["frame"])[12:]
+    content, signature = body[:-64], body[-64:]
+    assert signature == parse_value("hex", vector["signature"])
+    label = SIGNED[vector["message"]]
+    public_key.verify(signature, label + content)  # raises when it does not verify
+    assert ListSigner(parse_value("hex", LIST_KEY["master_secret"])).sign(label, content) == signature
+    changed = bytearray(content)
+    changed[-1] ^= 1
+    with pytest.raises(InvalidSignature):
+        public_key.verify(signature, label + bytes(changed))
+    other = b"citycard/v1/rules" if label == b"citycard/v1/hotlist" else b"citycard/v1/hotlist"
+    with pytest.raises(InvalidSignature):
+        public_key.verify(signature, other + content)

@@ -14,6 +14,10 @@ message must make the engine write:
 - a request: one TAP_RESULT echoing request id and sequence when OPEN
   (PROTOCOL_ERROR for a bad field), ERROR NOT_AUTHENTICATED before;
 - PING: a PONG echoing request id and payload, in any state;
+- HOTLIST_REQUEST, RULES_REQUEST, OFFLINE_UPLOAD when OPEN: one HOTLIST,
+  RULES or OFFLINE_RESULT echoing the request id (the rig's hot list and
+  rules version, one result per uploaded tap with its sequence), ERROR
+  NOT_AUTHENTICATED before;
 - a rule broken, or a message out of turn: ERROR with its code, then close;
 - once OPEN, every frame both ways is sealed: the model seals what it
   sends with the session's key and counters, and a frame tampered with,
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -225,6 +230,52 @@ class SessionMachine(RuleBasedStateMachine):
             assert (result, amount, info) == (fastpath.RESULT_PROTOCOL_ERROR, 0, 0)
         else:
             assert result != fastpath.RESULT_PROTOCOL_ERROR
+
+    @rule(
+        kind=st.sampled_from(["hotlist", "rules", "upload"]),
+        since=st.sampled_from([0, 1, 5]),
+        taps=st.lists(st.sampled_from([rigs.CARD_RICH, rigs.CARD_POOR, rigs.CARD_BLOCKED, 0x1234]), max_size=3),
+        split_at=cuts,
+    )
+    def offline_request(self, kind: str, since: int, taps: list[int], split_at: list[int]) -> None:
+        """What a terminal asks for working offline, and its upload."""
+        request_id = self.next_request_id()
+        seqs: list[int] = []
+        if kind == "hotlist":
+            frame, expected = fastpath.encode_hotlist_request(request_id, since, 0), fastpath.MSG_HOTLIST
+        elif kind == "rules":
+            frame, expected = fastpath.encode_rules_request(request_id, since), fastpath.MSG_RULES
+        else:
+            now = time.time_ns() // 1_000_000
+            fare = rigs.BUS_FARE if self.terminal_id == rigs.VALIDATOR else 0  # the kiosk charges nothing
+            upload = []
+            for uid in taps:
+                seqs.append(self.next_seq)
+                refused = uid == rigs.CARD_BLOCKED  # on the rig's hot list
+                result, amount = (fastpath.RESULT_CARD_NOT_ACTIVE, 0) if refused else (0, fare)
+                upload.append((self.next_seq, uid, 0, now - 60_000, 0, rigs.RULES_VERSION, result, amount))
+                self.next_seq += 1
+            frame, expected = fastpath.encode_offline_upload(request_id, upload), fastpath.MSG_OFFLINE_RESULT
+        written = self.send(self.sealed(frame), split_at)
+        if self.expect_nothing_if_closed(written):
+            return
+        if self.model != OPEN:
+            self.expect_error(written, fastpath.ERR_NOT_AUTHENTICATED, request_id)
+            return
+        assert [(msg_type, answered) for msg_type, answered, _ in written] == [(expected, request_id)]
+        body = written[0][2]
+        if kind == "hotlist":
+            flags, _since, version, _after, entries, _signature = fastpath.decode_hotlist(body)
+            if since == 1:  # the rig's version: nothing new
+                assert (flags, version, entries) == (0, 1, [])
+            else:  # none held, or a version the engine never had: the whole list
+                assert (flags, version, entries) == (fastpath.HOTLIST_FLAG_FULL, 1, [(rigs.CARD_BLOCKED, 1)])
+        elif kind == "rules":
+            assert fastpath.decode_rules(body)[0] == rigs.RULES_VERSION
+        else:
+            results = fastpath.decode_offline_result(body)
+            assert [result[0] for result in results] == seqs
+            assert all(result[1] < fastpath.RESULT_BUSY_RETRY for result in results), results
 
     @rule(payloads=st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=1, max_size=4), split_at=cuts)
     def ping(self, payloads: list[int], split_at: list[int]) -> None:

@@ -60,9 +60,7 @@ async def test_an_ended_concession_is_told_to_the_terminal_and_replayed_after_a_
     assert await conn.fetchval("SELECT count(*) FROM taps WHERE terminal_seq = $1", seq) == 1
 
 
-async def test_replies_that_are_not_decisions_carry_no_info(
-    engine: EngineUnderTest, conn: asyncpg.Connection
-) -> None:
+async def test_replies_that_are_not_decisions_carry_no_info(engine: EngineUnderTest, conn: asyncpg.Connection) -> None:
     card = await add_card(conn, balance=1000, profile=STUDENT, eligible=(TODAY - 400 * DAY, TODAY - DAY))
     await engine.restart()
     client = await engine.client()

@@ -33,10 +33,7 @@ def load_twin(name: str) -> ModuleType:
         return importlib.import_module(TWIN_MODULES[name])
     except ImportError as exc:
         if name == "cython" and extensions_disabled():
-            pytest.skip(
-                "CITYCARD_NO_EXTENSIONS is set and engine._fastpath is not"
-                " built: testing the pure twin only"
-            )
+            pytest.skip("CITYCARD_NO_EXTENSIONS is set and engine._fastpath is not built: testing the pure twin only")
         pytest.fail(
             f"cannot import {TWIN_MODULES[name]} ({exc}); build it with"
             " `.venv/bin/cythonize -i -3 engine/_fastpath.pyx`, or set"
