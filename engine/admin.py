@@ -5,9 +5,11 @@ card-office change goes through the engine, never straight to the database.
 Each change is one database transaction that makes it and writes its
 ``audit_log`` row (who, what, which card or holder, when); once it has
 committed, the engine re-reads the rows it touched into memory
-(``engine.state.refresh_cards``), so the very next tap sees it. A top-up is
-a kiosk TOPUP like any other: decided by the ladder, batched, committed,
-idempotent by (terminal, sequence), and answered only after its commit.
+(``engine.state.refresh_cards``), so the very next tap sees it; a debt
+limit is set in memory around its transaction instead, so that memory never
+allows more than the database. A top-up is a kiosk TOPUP like any other:
+decided by the ladder, batched, committed, idempotent by (terminal,
+sequence), and answered only after its commit.
 
 The server is aiohttp on the engine's own event loop. Operators
 authenticate with ``Authorization: Bearer <operator>:<token>``, the token
@@ -22,6 +24,7 @@ every error is ``{"error": "...", "code": "..."}`` with a 4xx or 5xx status.
     POST /v1/cards/{uid}/replace              {"new_uid"}
     POST /v1/cards/{uid}/topup                {"amount_cents", "terminal_id", "terminal_seq"}
     POST /v1/cards/{uid}/products             {"product", "valid_from"?}  sell a pass or ticket
+    PUT  /v1/cards/{uid}/debt-limit           {"debt_limit_cents"}  how far offline taps may take it below its floor
     POST /v1/taps/{terminal_id}/{seq}/refund  {"terminal_id", "terminal_seq"}  (the desk's)
     PUT  /v1/holders/{holder_id}/eligibility  {"profile", "source", "valid_from", "valid_until"}
 
@@ -59,6 +62,7 @@ from engine.limits import (
     ADMIN_REQUESTS_REMEMBERED,
     ADMIN_SHUTDOWN_S,
     BALANCE_MAX_CENTS,
+    DEBT_LIMIT_MAX_CENTS,
     PASS_START_AHEAD_MAX_DAYS,
     TOPUP_MAX_CENTS,
 )
@@ -103,6 +107,7 @@ OPERATIONS = (
     "card.replace",
     "card.topup",
     "card.sell_product",
+    "card.debt_limit",
     "tap.refund",
     "holder.eligibility",
     "unknown",
@@ -189,6 +194,12 @@ class ProductSaleRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     valid_from: datetime.date | None = None
 
 
+class DebtLimitRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How far below its floor offline taps that stand may take the card's account."""
+
+    debt_limit_cents: Annotated[int, msgspec.Meta(ge=0, le=DEBT_LIMIT_MAX_CENTS)]
+
+
 class RefundRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The desk terminal (a kiosk) and its sequence number for this refund."""
 
@@ -206,6 +217,7 @@ _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
         EligibilityRequest,
         TopupRequest,
         ProductSaleRequest,
+        DebtLimitRequest,
         RefundRequest,
     )
 }
@@ -260,9 +272,11 @@ class _OutcomeReply:
 
 _AUDIT_SQL = "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4::jsonb) RETURNING id"
 
+# debt_limit_cents counts for card accounts (kind 0) only (schema/0006_offline.sql).
 _SHOW_SQL = (
     "SELECT c.uid, c.status, c.holder_id, c.account_id, c.replaces_uid, c.issued_at, h.birth_date,"
     " p.code AS profile, a.balance_cents, e.source, e.valid_from, e.valid_until,"
+    " CASE WHEN a.kind = 0 THEN a.debt_limit_cents ELSE 0 END AS debt_limit_cents,"
     " (SELECT r.uid FROM cards r WHERE r.replaces_uid = c.uid) AS replaced_by"
     " FROM cards c JOIN holders h ON h.id = c.holder_id JOIN profiles p ON p.id = h.profile_id"
     " JOIN accounts a ON a.id = c.account_id"
@@ -276,6 +290,13 @@ _RECORDED_REQUEST_SQL = (
     "SELECT kind, card_uid, requested_cents, original_seq, original_terminal_id,"
     " (extract(epoch FROM event_time) * 1000)::int8 AS event_ms"
     " FROM taps WHERE terminal_id = $1 AND terminal_seq = $2"
+)
+
+# A card's account as a debt-limit change needs it; kind 0 is a card
+# account, the only kind a debt limit applies to (schema/0006_offline.sql).
+_CARD_ACCOUNT_SQL = (
+    "SELECT c.account_id, a.kind = 0 AS card_account, a.balance_cents, a.floor_cents"
+    " FROM cards c JOIN accounts a ON a.id = c.account_id WHERE c.uid = $1"
 )
 
 _PRODUCTS_OF_ACCOUNT_SQL = (
@@ -359,6 +380,7 @@ class AdminServer:
             ("POST", "/v1/cards/{uid}/replace", "card.replace", self._replace),
             ("POST", "/v1/cards/{uid}/topup", "card.topup", self._topup),
             ("POST", "/v1/cards/{uid}/products", "card.sell_product", self._sell_product),
+            ("PUT", "/v1/cards/{uid}/debt-limit", "card.debt_limit", self._debt_limit),
             ("POST", "/v1/taps/{terminal_id}/{terminal_seq}/refund", "tap.refund", self._refund),
             ("PUT", "/v1/holders/{holder_id}/eligibility", "holder.eligibility", self._eligibility),
         ]
@@ -569,6 +591,7 @@ class AdminServer:
         status = state.card_status[position] if position is not None else row["status"]
         account = state.account_position.get(row["account_id"])
         balance = state.available(account) if account is not None else row["balance_cents"]
+        debt_limit = state.debt_limit[account] if account is not None else row["debt_limit_cents"]
         eligibility = None
         if row["valid_from"] is not None:
             eligibility = {"source": row["source"], "valid_from": row["valid_from"], "valid_until": row["valid_until"]}
@@ -580,6 +603,7 @@ class AdminServer:
             "birth_date": row["birth_date"],
             "account_id": row["account_id"],
             "balance_cents": balance,
+            "debt_limit_cents": debt_limit,
             "eligibility": eligibility,
             "replaces_uid": row["replaces_uid"],
             "replaced_by": row["replaced_by"],
@@ -912,6 +936,68 @@ class AdminServer:
         self._log(operator, "card.sell_product", card=uid, product=body.product)
         return _json(201, result)
 
+    async def _debt_limit(self, request: web.Request, operator: str) -> web.Response:
+        uid = _path_number(request, "uid")
+        limit = (await _decode(request, DebtLimitRequest)).debt_limit_cents
+        async with self._changes, self._connection() as conn:
+            card = await conn.fetchrow(_CARD_ACCOUNT_SQL, uid)
+            if card is None:
+                raise _card_not_found(uid)
+            account_id = card["account_id"]
+            if not card["card_account"]:
+                raise AdminProblem(
+                    409,
+                    "not_a_card_account",
+                    f"card {uid} pays from account {account_id}, which is not a card account: it has no debt limit",
+                )
+            position = self._state.account_position.get(account_id)
+            if position is not None:
+                result = await self._change_held_debt_limit(conn, operator, uid, position, limit)
+            else:
+                # An account the engine does not hold: the database is all
+                # there is to change, and a load reads the limit from there.
+                _refuse_below_debt(uid, limit, card["floor_cents"], card["balance_cents"])
+                async with conn.transaction():
+                    result = await _write_debt_limit(conn, operator, uid, account_id, limit)
+                # Unless an eligibility import read it in meanwhile (engine.live).
+                position = self._state.account_position.get(account_id)
+                if position is not None:
+                    self._state.debt_limit[position] = limit
+        self._log(operator, "card.debt_limit", card=uid, outcome=result["outcome"])
+        return _json(200, result)
+
+    async def _change_held_debt_limit(
+        self, conn: asyncpg.Connection, operator: str, uid: int, position: int, limit: int
+    ) -> dict[str, Any]:
+        """Change the debt limit of an account the engine holds (``position``),
+        in memory and in the database, never letting memory allow more than
+        the database."""
+        state = self._state
+        # The lowest balance the account's debits decided so far can leave.
+        _refuse_below_debt(uid, limit, state.floor[position], state.available(position))
+        # Offline taps are decided against memory and committed against the
+        # database's CHECK: a tap decided on a larger allowance than the one
+        # committed would fail its whole batch. So while the change is on its
+        # way memory holds the smaller of the two limits: a lower limit is in
+        # memory before the database has it, a higher one only after.
+        held = state.debt_limit[position]
+        state.debt_limit[position] = min(held, limit)
+        committing = False
+        try:
+            async with conn.transaction():
+                result = await _write_debt_limit(conn, operator, uid, state.account_id[position], limit)
+                committing = True
+        except BaseException:
+            if not committing:
+                state.debt_limit[position] = held  # rolled back: the old limit stands
+            else:
+                # The commit itself failed: it may have happened or not. The
+                # smaller limit is safe either way; repeating the request settles it.
+                log.error("debt limit change: outcome of the commit unknown", extra={"operator": operator})
+            raise
+        state.debt_limit[position] = limit
+        return result
+
     def _desk(self, terminal_id: int, action: str) -> Terminal:
         """The card office's desk terminal: a kiosk, the only kind that moves money by hand."""
         terminal = self._state.terminals.get(terminal_id)
@@ -1028,6 +1114,38 @@ async def _check_entitled(
         raise AdminProblem(
             422, "not_entitled", f"the holder's {profile} eligibility is not valid today: renew it first"
         )
+
+
+def _refuse_below_debt(uid: int, limit: int, floor: int, lowest: int) -> None:
+    """A debt limit smaller than what the account owes below its floor
+    (``lowest`` is the lowest balance it can be left with) is refused."""
+    owed = floor - lowest
+    if owed > limit:
+        raise AdminProblem(
+            409,
+            "in_debt",
+            f"card {uid}'s account owes {owed} cents below its floor (debits not yet committed included):"
+            f" its debt limit cannot go below {owed} until that is paid back",
+        )
+
+
+async def _write_debt_limit(
+    conn: asyncpg.Connection, operator: str, uid: int, account_id: int, limit: int
+) -> dict[str, Any]:
+    """Set a card account's debt limit and write the audit row, in the
+    caller's transaction: idempotent, a repeat answers "unchanged"."""
+    previous = await conn.fetchval("SELECT debt_limit_cents FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+    outcome = "unchanged" if previous == limit else "changed"
+    if outcome == "changed":
+        await conn.execute("UPDATE accounts SET debt_limit_cents = $2 WHERE id = $1", account_id, limit)
+    detail = {
+        "account_id": account_id,
+        "previous_debt_limit_cents": previous,
+        "debt_limit_cents": limit,
+        "outcome": outcome,
+    }
+    audit_id = await _audit(conn, operator, "card.debt_limit", f"card:{uid}", detail)
+    return {"uid": uid, **detail, "audit_id": audit_id}
 
 
 def _refuse_unsettled(code: ResultCode, terminal_seq: int) -> None:

@@ -97,6 +97,10 @@ class AdminClient:
             body["valid_from"] = valid_from
         return self._request("POST", f"/v1/cards/{uid}/products", body)
 
+    def set_debt_limit(self, uid: int, debt_limit_cents: int) -> dict[str, Any]:
+        """How far below its floor offline taps may take the card's account."""
+        return self._request("PUT", f"/v1/cards/{uid}/debt-limit", {"debt_limit_cents": debt_limit_cents})
+
     def refund(
         self, original_terminal_id: int, original_seq: int, *, terminal_id: int, terminal_seq: int
     ) -> dict[str, Any]:

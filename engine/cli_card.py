@@ -7,6 +7,7 @@
     citycard card replace OLD NEW
     citycard card topup UID AMOUNT_CENTS --terminal T [--seq S]
     citycard card sell UID PRODUCT [--from D]
+    citycard card debt-limit UID CENTS
     citycard card refund TERMINAL SEQ --desk T [--desk-seq S]
     citycard holder eligibility HOLDER --profile P --source S --from D --until D
     citycard admin-token NAME
@@ -45,6 +46,7 @@ import orjson
 from engine.admin_client import DEFAULT_ADMIN_URL, AdminClient, AdminError, AdminUnreachable
 from engine.db import default_data_dir
 from engine.keys import MasterKeyError, derive_operator_token, is_operator_name, load_master_key
+from engine.limits import DEBT_LIMIT_MAX_CENTS
 
 ADMIN_URL_ENV = "CITYCARD_ADMIN_URL"
 OPERATOR_ENV = "CITYCARD_OPERATOR"
@@ -87,7 +89,9 @@ def add_card_commands(subparsers: Any) -> None:
     card = subparsers.add_parser("card", help="card-office operations on one card, through the running engine")
     cards = card.add_subparsers(dest="card_command", required=True)
 
-    show = _leaf(cards, "show", "the card as the engine sees it: status, holder, balance, eligibility", cmd_card_show)
+    show = _leaf(
+        cards, "show", "the card as the engine sees it: status, holder, balance, debt limit, eligibility", cmd_card_show
+    )
     show.add_argument("uid", type=card_uid, help="card uid (decimal, or 0x... hex)")
 
     block = _leaf(cards, "block", "block a card: the next tap is declined", cmd_card_block)
@@ -120,6 +124,14 @@ def add_card_commands(subparsers: Any) -> None:
     sell.add_argument("uid", type=card_uid)
     sell.add_argument("product", help="a product code of the rules in force (citycard rules show)")
     sell.add_argument("--from", dest="valid_from", type=iso_date, help="a season pass's first day (default: today)")
+
+    debt_limit = _leaf(
+        cards, "debt-limit", "set how far below its floor offline taps may take the card's account", cmd_card_debt_limit
+    )
+    debt_limit.add_argument("uid", type=card_uid)
+    debt_limit.add_argument(
+        "debt_limit_cents", type=int, metavar="CENTS", help=f"0 (never below the floor) to {DEBT_LIMIT_MAX_CENTS}"
+    )
 
     refund = _leaf(cards, "refund", "refund a tap of any terminal, within 30 days", cmd_card_refund)
     refund.add_argument("terminal", type=int, help="the terminal that recorded the tap")
@@ -287,6 +299,10 @@ def cmd_card_topup(args: argparse.Namespace) -> int:
 
 def cmd_card_sell(args: argparse.Namespace) -> int:
     return _carry_out(args, lambda client: client.sell_product(args.uid, args.product, valid_from=args.valid_from))
+
+
+def cmd_card_debt_limit(args: argparse.Namespace) -> int:
+    return _carry_out(args, lambda client: client.set_debt_limit(args.uid, args.debt_limit_cents))
 
 
 def cmd_card_refund(args: argparse.Namespace) -> int:

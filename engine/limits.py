@@ -126,8 +126,15 @@ RULES_VERSIONS_CACHED = 16
 # travelled): 20 EUR, a few days of buses, enough that a citizen stuck in a
 # tunnel is never turned into an unpaid fare, little enough that a lost
 # card cannot run up a debt worth chasing. The schema's default of
-# accounts.debt_limit_cents repeats it.
+# accounts.debt_limit_cents repeats it; the card office sets another per
+# card (citycard card debt-limit, docs/admin.md).
 OFFLINE_DEBT_LIMIT_CENTS = 2_000
+
+# The largest debt limit the card office may give a card (cents): 1,000 EUR,
+# the most a card may ever hold (BALANCE_MAX_CENTS), so no card is let owe
+# more than it could have carried. The schema's debt_limit_bounded CHECK
+# (schema/0006_offline.sql) repeats it.
+DEBT_LIMIT_MAX_CENTS = 100_000
 
 # Offline taps in one batch. An uploaded tap costs a commit about 120 us
 # (most pay a fare from an account no other tap of the batch touches: a
