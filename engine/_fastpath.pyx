@@ -47,6 +47,7 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython cimport array
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport Py_SIZE
 from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII
@@ -199,6 +200,7 @@ __all__ = [
     "Decision",
     "FrameReader",
     "Original",
+    "PositionIndex",
     "Product",
     "ProtocolError",
     "SealKey",
@@ -2334,6 +2336,208 @@ cdef bint _sharing_suspected(Activity activity, double latitude, double longitud
     return metres * 3600 > speed_kmh * max(elapsed_ms, 0)
 
 
+# --- The position index ------------------------------------------------------
+#
+# Card uid -> card position and account id -> account position. A dict of
+# 340,000 (or 10 million) int keys costs a look-up about four cache misses:
+# its index, its entry, the key object to compare, the value object to read.
+# Here a key and its position sit side by side in one C array, open
+# addressing with linear probing: a look-up reads one or two neighbouring
+# slots of one cache line, and the ladder makes no Python int for it.
+
+cdef struct _IndexSlot:
+    int64_t key
+    int64_t position  # -1: the slot is empty
+
+
+# A table of 2**k slots is kept at most 3/4 full: about two slots read per
+# hit with linear probing; 16 bytes a slot, so 10 million keys take 256 MiB
+# of table (a dict and its int keys took about 900 MiB).
+cdef enum:
+    _INDEX_LOAD_NUM = 3
+    _INDEX_LOAD_DEN = 4
+    _INDEX_INITIAL_SLOTS = 16
+
+
+cdef inline uint64_t _mix_key(int64_t key) noexcept nogil:
+    """splitmix64's finaliser: keys issued in sequence, or sharing a
+    manufacturer's prefix, spread over the whole table."""
+    cdef uint64_t x = <uint64_t>key
+    x ^= x >> 30
+    x *= <uint64_t>0xBF58476D1CE4E5B9
+    x ^= x >> 27
+    x *= <uint64_t>0x94D049BB133111EB
+    x ^= x >> 31
+    return x
+
+
+cdef _IndexSlot* _empty_slots(Py_ssize_t count) except NULL:
+    cdef _IndexSlot* slots = <_IndexSlot*>PyMem_Malloc(count * sizeof(_IndexSlot))
+    if slots == NULL:
+        raise MemoryError(f"position index of {count} slots")
+    cdef Py_ssize_t slot
+    for slot in range(count):
+        slots[slot].key = 0
+        slots[slot].position = -1
+    return slots
+
+
+@cython.final
+cdef class PositionIndex:
+    """Key -> position (see the pure twin's for the contract): ``get``,
+    ``[]``, ``in``, ``len`` and ``add_range``; nothing is ever removed."""
+
+    cdef _IndexSlot* _slots
+    cdef Py_ssize_t _mask  # slots - 1; slots is a power of two
+    cdef Py_ssize_t _count
+
+    def __cinit__(self):
+        self._slots = _empty_slots(_INDEX_INITIAL_SLOTS)
+        self._mask = _INDEX_INITIAL_SLOTS - 1
+        self._count = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._slots)
+
+    cdef inline int64_t find(self, int64_t key) noexcept:
+        """The key's position, or -1 when the key is not there."""
+        cdef _IndexSlot* slots = self._slots
+        cdef Py_ssize_t mask = self._mask
+        cdef Py_ssize_t slot = <Py_ssize_t>(_mix_key(key) & <uint64_t>mask)
+        while slots[slot].position >= 0:
+            if slots[slot].key == key:
+                return slots[slot].position
+            slot = (slot + 1) & mask
+        return -1
+
+    cdef int _reserve(self, Py_ssize_t keys) except -1:
+        """Grow (rehash) so that ``keys`` keys fit under the load limit."""
+        cdef Py_ssize_t size = self._mask + 1
+        cdef Py_ssize_t wanted = size
+        while keys * _INDEX_LOAD_DEN > wanted * _INDEX_LOAD_NUM:
+            wanted *= 2
+        if wanted == size:
+            return 0
+        cdef _IndexSlot* old = self._slots
+        cdef _IndexSlot* slots = _empty_slots(wanted)
+        cdef Py_ssize_t mask = wanted - 1
+        cdef Py_ssize_t index, slot
+        for index in range(size):
+            if old[index].position >= 0:
+                slot = <Py_ssize_t>(_mix_key(old[index].key) & <uint64_t>mask)
+                while slots[slot].position >= 0:
+                    slot = (slot + 1) & mask
+                slots[slot] = old[index]
+        self._slots = slots
+        self._mask = mask
+        PyMem_Free(old)
+        return 0
+
+    cdef int _put(self, int64_t key, int64_t position) except -1:
+        """Store; 1 when the key is new, 0 when its position was replaced."""
+        self._reserve(self._count + 1)
+        cdef _IndexSlot* slots = self._slots
+        cdef Py_ssize_t mask = self._mask
+        cdef Py_ssize_t slot = <Py_ssize_t>(_mix_key(key) & <uint64_t>mask)
+        while slots[slot].position >= 0:
+            if slots[slot].key == key:
+                slots[slot].position = position
+                return 0
+            slot = (slot + 1) & mask
+        slots[slot].key = key
+        slots[slot].position = position
+        self._count += 1
+        return 1
+
+    def get(self, key, default=None):
+        cdef int64_t packed
+        try:
+            packed = key
+        except OverflowError:
+            return default
+        cdef int64_t position = self.find(packed)
+        return default if position < 0 else position
+
+    def __getitem__(self, key):
+        cdef int64_t packed, position = -1
+        try:
+            packed = key
+            position = self.find(packed)
+        except OverflowError:
+            pass
+        if position < 0:
+            raise KeyError(key)
+        return position
+
+    def __contains__(self, key):
+        cdef int64_t packed
+        try:
+            packed = key
+        except OverflowError:
+            return False
+        return self.find(packed) >= 0
+
+    def positions(self, keys):
+        """The position of each of ``keys``, as an array('q'); KeyError for
+        the first key not there."""
+        cdef array.array found = array.array("q")
+        cdef int64_t[::1] packed
+        cdef int64_t[::1] out
+        cdef Py_ssize_t index
+        cdef int64_t position
+        if isinstance(keys, array.array) and keys.typecode == "q":
+            # The load's path: typed keys, no Python int.
+            packed = keys
+            array.resize(found, packed.shape[0])
+            out = found
+            for index in range(packed.shape[0]):
+                position = self.find(packed[index])
+                if position < 0:
+                    raise KeyError(packed[index])
+                out[index] = position
+            return found
+        for key in keys:
+            found.append(self[key])
+        return found
+
+    def __len__(self):
+        return self._count
+
+    def __setitem__(self, key, position):
+        cdef int64_t packed, value
+        try:
+            packed = key
+        except OverflowError:
+            raise OverflowError(f"index key {key} is not an int64") from None
+        try:
+            value = position
+        except OverflowError:
+            value = -1
+        if value < 0:
+            raise OverflowError(f"index position {position} is not 0..2**63-1")
+        self._put(packed, value)
+
+    def add_range(self, keys, int64_t start):
+        """Map ``keys`` to the positions start, start + 1, ...; returns how
+        many were new (fewer than given: a key was there already, or twice)."""
+        cdef int64_t[::1] packed
+        cdef Py_ssize_t index, added = 0
+        if start < 0:
+            raise OverflowError(f"index position {start} is not 0..2**63-1")
+        if isinstance(keys, array.array) and keys.typecode == "q":
+            # The load's path: typed keys, one reservation, no Python int.
+            packed = keys
+            self._reserve(self._count + packed.shape[0])
+            for index in range(packed.shape[0]):
+                added += self._put(packed[index], start + index)
+            return added
+        cdef Py_ssize_t before = self._count
+        for key in keys:
+            self[key] = start
+            start += 1
+        return self._count - before
+
+
 # --- The city's columns, checked once per use -------------------------------
 
 cdef extern from "Python.h":
@@ -2403,6 +2607,22 @@ cdef inline Py_ssize_t _check_position(
     return position
 
 
+cdef inline int64_t _find_card(state, int64_t uid) except? -2:
+    """The card's position by ``state.card_position``, -1 when unknown.
+
+    A PositionIndex is read in C. Any other mapping (the pure twin's, when the
+    two are compared on one city) through ``get``: its values are ints of
+    0..2**63-1, as both twins' indexes allow no others.
+    """
+    index = state.card_position
+    if type(index) is PositionIndex:
+        return (<PositionIndex>index).find(uid)
+    found = index.get(uid)
+    if found is None:
+        return -1
+    return PyNumber_AsSsize_t(found, NULL)
+
+
 # --- The ladder --------------------------------------------------------------
 #
 # Each function reads what it needs from Python objects first (terminal
@@ -2440,9 +2660,8 @@ def decide_tap(state, terminal, Decision decision not None):
     if not terminal.active:
         decision.result = RESULT_TERMINAL_NOT_ALLOWED
         return
-    cdef dict card_position = state.card_position
-    found = card_position.get(decision.card_uid)
-    if found is None:
+    cdef int64_t found = _find_card(state, decision.card_uid)
+    if found < 0:
         decision.result = RESULT_UNKNOWN_CARD
         return
     service_id = terminal.service_id
@@ -2469,9 +2688,9 @@ def decide_tap(state, terminal, Decision decision not None):
     cdef long long* balance = _int64_column(balance_column, "balance")
     cdef long long* pending_debit = _int64_column(pending_debit_column, "pending_debit")
     cdef long long* floor = _int64_column(floor_column, "floor")
-    card = _check_position(found, min(Py_SIZE(card_account_column), Py_SIZE(card_status_column),
-                                      Py_SIZE(card_profile_column), Py_SIZE(eligible_from_column),
-                                      Py_SIZE(eligible_until_column)), "card")
+    card = _check_index(found, min(Py_SIZE(card_account_column), Py_SIZE(card_status_column),
+                                   Py_SIZE(card_profile_column), Py_SIZE(eligible_from_column),
+                                   Py_SIZE(eligible_until_column)), "card")
     # The card's cells, then its account's three, are read together:
     # they sit in different arrays of a city far larger than the caches, so
     # their misses overlap instead of queueing one behind the other.
@@ -2724,9 +2943,8 @@ def decide_topup(state, terminal, Decision decision not None):
     if not terminal.active or not terminal.is_kiosk:
         decision.result = RESULT_TERMINAL_NOT_ALLOWED
         return
-    cdef dict card_position = state.card_position
-    found = card_position.get(decision.card_uid)
-    if found is None:
+    cdef int64_t found = _find_card(state, decision.card_uid)
+    if found < 0:
         decision.result = RESULT_UNKNOWN_CARD
         return
     cdef int64_t funding_account = terminal.funding_account
@@ -2742,7 +2960,7 @@ def decide_topup(state, terminal, Decision decision not None):
     cdef long long* pending_debit = _int64_column(pending_debit_column, "pending_debit")
     cdef long long* pending_credit = _int64_column(pending_credit_column, "pending_credit")
     cdef long long* ceiling = _int64_column(ceiling_column, "ceiling")
-    card = _check_position(found, min(Py_SIZE(card_account_column), Py_SIZE(card_status_column)), "card")
+    card = _check_index(found, min(Py_SIZE(card_account_column), Py_SIZE(card_status_column)), "card")
     account = _check_index(card_account[card], min(Py_SIZE(balance_column), Py_SIZE(pending_debit_column),
                                                    Py_SIZE(pending_credit_column), Py_SIZE(ceiling_column)),
                            "account")

@@ -32,6 +32,7 @@ import hmac as _hmac
 import math as _math
 import struct
 from array import array as _array
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -173,6 +174,7 @@ __all__ = [
     "Decision",
     "FrameReader",
     "Original",
+    "PositionIndex",
     "Product",
     "ProtocolError",
     "SealKey",
@@ -1909,6 +1911,51 @@ def _sharing_suspected(state: Any, activity: Activity, latitude: float, longitud
     elapsed_ms = recorded_ms - activity.last_ms
     # km/h -> metres per millisecond: speed * 1000 / 3_600_000.
     return metres * 3600 > speed_kmh * max(elapsed_ms, 0)
+
+
+# --- The position index ------------------------------------------------------
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+class PositionIndex(dict[int, int]):
+    """Card uid -> card position, account id -> account position: the look-up
+    every tap starts with (``state.card_position``, ``state.account_position``).
+
+    A dict here; the compiled twin's is an open-addressing table of
+    (key, position) pairs in one C array, which the ladder reads without
+    making a Python int. The two accept the same keys and values: a key is
+    an int64 (as in the database), a position an int64 of at least 0;
+    anything else is refused when stored (OverflowError) and not found when
+    looked up. Nothing is ever removed.
+    """
+
+    __slots__ = ()
+
+    def __setitem__(self, key: int, position: int) -> None:
+        if not _INT64_MIN <= key <= _INT64_MAX:
+            raise OverflowError(f"index key {key} is not an int64")
+        if not 0 <= position <= _INT64_MAX:
+            raise OverflowError(f"index position {position} is not 0..2**63-1")
+        dict.__setitem__(self, key, position)
+
+    def add_range(self, keys: Iterable[int], start: int) -> int:
+        """Map ``keys`` to the positions start, start + 1, ...; returns how
+        many were new (fewer than given: a key was there already, or twice)."""
+        if start < 0:
+            raise OverflowError(f"index position {start} is not 0..2**63-1")
+        before = len(self)
+        position = start
+        for key in keys:
+            self[key] = position
+            position += 1
+        return len(self) - before
+
+    def positions(self, keys: Iterable[int]) -> _array[int]:
+        """The position of each of ``keys``, as an array('q'); KeyError for
+        the first key not there."""
+        return _array("q", [self[key] for key in keys])
 
 
 # --- The city's columns, checked once per use -------------------------------

@@ -39,6 +39,7 @@ from engine.fastpath import (
     SETTING_TRANSFER_WINDOW_MS,
     SETTINGS_FIELDS,
     Activity,
+    PositionIndex,
     Product,
 )
 from engine.limits import OFFICE_REFUND_WINDOW_S
@@ -123,7 +124,6 @@ class CityState:
     # Slots: the decision ladder reads about twenty of these per tap, and a
     # slot is read without the instance dictionary's look-up.
     __slots__ = (
-        "_shared_positions",
         "account_id",
         "account_position",
         "activity",
@@ -156,7 +156,7 @@ class CityState:
 
     def __init__(self) -> None:
         # Cards
-        self.card_position: dict[int, int] = {}  # uid -> card position
+        self.card_position = PositionIndex()  # uid -> card position
         self.card_uid = array("q")
         self.card_status = bytearray()
         self.card_profile = bytearray()
@@ -167,7 +167,7 @@ class CityState:
         self.card_eligible_from = array("i")
         self.card_eligible_until = array("i")
         # Accounts
-        self.account_position: dict[int, int] = {}  # database id -> position
+        self.account_position = PositionIndex()  # database id -> position
         self.account_id = array("q")
         self.balance = array("q")  # committed, cents
         self.pending_debit = array("q")  # decided, not yet committed, cents
@@ -207,8 +207,6 @@ class CityState:
         # product sold under one rules version matches the policy rows of
         # every later one.
         self.group_ids: dict[str, int] = {}
-        # See _positions(); emptied by finish_loading().
-        self._shared_positions: list[int] = []
 
     transfer_window_ms = _Setting(SETTING_TRANSFER_WINDOW_MS)
     transfer_percent_off = _Setting(SETTING_TRANSFER_PERCENT_OFF)
@@ -273,34 +271,18 @@ class CityState:
         count = len(uids)
         self.card_uid.extend(uids)
         # Checked after the fact, once: a uid twice in the database is a
-        # broken primary key, and the dict would silently keep the last one.
-        self.card_position.update(zip(uids, self._positions(start, count), strict=True))
-        if len(self.card_position) != start + count:
+        # broken primary key, and the index would silently keep the last one.
+        if self.card_position.add_range(uids, start) != count:
             raise InvariantError("duplicate card uids while loading")
         # Through array('B'): one byte each, and an OverflowError for a
         # value that does not fit (a bytearray would take the bytes of any
         # buffer as they are).
         self.card_status.extend(array("B", statuses))
         self.card_profile.extend(array("B", profiles))
-        position = self.account_position
-        self.card_account.extend([position[account_id] for account_id in account_ids])
+        self.card_account.extend(self.account_position.positions(account_ids))
         self.card_holder.extend(holder_ids)
         self.card_eligible_from.extend(eligible_from)
         self.card_eligible_until.extend(eligible_until)
-
-    def _positions(self, start: int, count: int) -> list[int]:
-        """The ints start .. start + count - 1, the same objects for cards and
-        accounts: a position above 256 is an int object of its own (28
-        bytes), and 10 million cards and their 10 million accounts would
-        otherwise hold 20 million of them in the two position dicts."""
-        shared = self._shared_positions
-        if len(shared) < start + count:
-            shared.extend(range(len(shared), start + count))
-        return shared[start : start + count]
-
-    def finish_loading(self) -> None:
-        """Drop what only loading needs (the shared position list)."""
-        self._shared_positions = []
 
     def add_accounts(
         self,
@@ -315,8 +297,7 @@ class CityState:
         start = len(self.account_id)
         count = len(ids)
         self.account_id.extend(ids)
-        self.account_position.update(zip(ids, self._positions(start, count), strict=True))
-        if len(self.account_position) != start + count:
+        if self.account_position.add_range(ids, start) != count:
             raise InvariantError("duplicate account ids while loading")
         self.balance.extend(balances)
         zeros = array("q", bytes(8 * count))
@@ -657,7 +638,6 @@ async def load_state(conn: asyncpg.Connection) -> CityState:
                 latitude=row["latitude"],
                 longitude=row["longitude"],
             )
-    state.finish_loading()
     state.check_invariants()
     return state
 
