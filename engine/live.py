@@ -148,7 +148,10 @@ class LiveChanges:
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self._stopping = False
-        self.applied = 0  # notices applied, for tests and logs
+        # Changes applied: notices, and imports caught up with on connecting
+        # (an import committed while the first LISTEN was on its way has no
+        # notice that arrives). For tests and logs.
+        self.applied = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="citycard-live-changes")
@@ -179,6 +182,7 @@ class LiveChanges:
                 if self._key_rotation is not None:
                     await self._key_rotation.load(conn, self._state)
                 caught_up = await self._catch_up_imports(conn)
+                self.applied += caught_up
                 if self._hotlist is not None:
                     await catch_up_hotlist(conn, self._hotlist)
                 self._changed()
