@@ -138,14 +138,15 @@ DEBT_LIMIT_MAX_CENTS = 100_000
 
 # Offline taps in one batch. An uploaded tap costs a commit about 120 us
 # (most pay a fare from an account no other tap of the batch touches: a
-# tap row, a balance update and a ledger entry each), measured on the
-# 2-core reference machine by benchmarks.offline_upload. 8 of them make a
-# commit of ~1 ms: an online tap that arrives during one and commits in the
-# next waits ~2 ms more than without uploads. A larger share does not
-# upload faster (the writer is then busy with the taps' own cost, ~8,000 a
-# second either way), it only makes online taps wait longer. A validator's
-# day of a few thousand taps still goes in under a second.
-OFFLINE_TAPS_PER_BATCH_MAX = 8
+# tap row, a balance update and a ledger entry each), and the writer is
+# kept busy while uploads last, so an online tap waits for the batch being
+# committed, then commits in the next: the median online tap at 1,000 a
+# second took ~1.9 ms without uploads, 3.2 ms with 8 offline taps a batch
+# and 2.5 ms with 4 (benchmarks.offline_upload on the 2-core reference
+# machine), while uploads went in at ~5,200 and ~4,000 taps a second. The
+# online objective is what the share is for; a validator's day of a few
+# thousand taps still goes in within a second or two.
+OFFLINE_TAPS_PER_BATCH_MAX = 4
 
 # Offline decisions waiting for the writer. Beyond this the engine stops
 # deciding uploads until the writer has taken some (the terminal waits for
@@ -167,6 +168,12 @@ OFFLINE_DECIDE_SLICE = OFFLINE_TAPS_PER_BATCH_MAX
 # second upload of the same taps): answering one costs a few microseconds,
 # so 64 are a fraction of a millisecond before online taps get their turn.
 OFFLINE_ANSWERS_PER_TURN = 64
+
+# Uploaded taps checked per turn of the event loop before any is decided
+# (refused, answered from memory, or claimed for deciding): 10-20 us each,
+# so a whole upload of 256 would hold online taps for 3-5 ms; 32 hold them
+# for well under one.
+OFFLINE_CHECKS_PER_TURN = 32
 
 # An offline tap's event time may be at most this long before its upload:
 # taps older than 35 days would fall in a month whose report is closed, and

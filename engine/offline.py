@@ -53,6 +53,7 @@ from engine.decision import LEDGER_FARE, Decision, request_fingerprint
 from engine.ladder import TAP_FLAGS_KNOWN, decide_tap
 from engine.limits import (
     OFFLINE_ANSWERS_PER_TURN,
+    OFFLINE_CHECKS_PER_TURN,
     OFFLINE_CLOCK_AHEAD_MAX_S,
     OFFLINE_DECIDE_SLICE,
     OFFLINE_TAP_AGE_MAX_S,
@@ -331,6 +332,9 @@ class OfflineUploads:
         recorded_ms = now_ms()
         claimed: list[int] = []
         for index, tap in enumerate(taps):
+            if index and not index % OFFLINE_CHECKS_PER_TURN:
+                processor.flush()
+                await asyncio.sleep(0)  # online taps first
             seq = tap[0]
             if tap_refusal(tap, versions[tap[5]], terminal.service_id, recorded_ms) is not None:
                 answer.deliver_result(index, seq, ResultCode.PROTOCOL_ERROR, 0, 0, 0)
