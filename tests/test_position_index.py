@@ -162,5 +162,5 @@ def test_positions_reads_many_keys_and_names_the_first_missing(fp: ModuleType, p
     found = index.positions(array("q", keys) if packed else keys)
     assert (found.typecode, list(found)) == ("q", [7, 5, 7])
     missing: Any = [80, 81, 82]
-    with pytest.raises(KeyError, match="^81$"):
+    with pytest.raises(KeyError, match=r"^81$"):
         index.positions(array("q", missing) if packed else missing)
