@@ -225,8 +225,17 @@ class BatchWriter:
     async def run(self) -> None:
         """Commit batches until stop() and the queue is empty."""
         delay = WRITER_RETRY_MIN_S
+        # A batch whose outcome is certain but not yet reported (answered):
+        # reported while PostgreSQL works on the next one, so that answering
+        # a thousand taps (a few milliseconds of the event loop) does not
+        # leave the database idle between commits. Batches are reported in
+        # commit order, and never before their outcome is known.
+        done: tuple[list[Decision], bool] | None = None
         while True:
             if not self.healthy:
+                if done is not None:
+                    self._on_done(*done)
+                    done = None
                 # The database was unreachable: probe it with backoff, and
                 # answer what is queued BUSY_RETRY rather than hold it.
                 if await self._try_connect() is None:
@@ -240,18 +249,31 @@ class BatchWriter:
                 self.healthy = True
                 delay = WRITER_RETRY_MIN_S
             if not self._queue and not self._offline:
+                if done is not None:
+                    self._on_done(*done)
+                    done = None
+                    continue  # reporting may have queued more (retries answered at once)
                 if self._stopping:
                     break
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             batch = self._next_batch()
-            self._in_flight = len(batch)
+            self._in_flight = len(batch) + (len(done[0]) if done is not None else 0)
+            commit = asyncio.ensure_future(self._commit(batch))
             try:
-                committed = await self._commit(batch)
+                if done is not None:
+                    # One turn of the loop lets the commit send its statement.
+                    await asyncio.sleep(0)
+                    self._on_done(*done)
+                    done = None
+                committed = await commit
+            except BaseException:
+                commit.cancel()  # as if awaited directly: the writer's end ends its commit
+                raise
             finally:
                 self._in_flight = 0
-            self._on_done(batch, committed)
+            done = (batch, committed)
 
     def _next_batch(self) -> list[Decision]:
         """The online taps, and at most offline_per_batch offline ones."""
