@@ -1,9 +1,10 @@
 """Group commit: one task writes every decision to PostgreSQL in batches.
 
 Decisions queue up while a commit is in flight; when it ends, everything
-waiting (up to BATCH_TAPS_MAX) goes in the next one. There is no timer: at
-low load a batch holds one tap and commits at once, at high load batches grow
-by themselves and the cost of each fsync is shared by thousands of taps.
+waiting (up to BATCH_TAPS_MAX) goes in the next one, and the batch just
+committed is answered while PostgreSQL works on that one. There is no timer:
+at low load a batch holds one tap and commits at once, at high load batches
+grow by themselves and the cost of each fsync is shared by thousands of taps.
 
 A batch is ONE SQL statement (data-modifying CTEs over unnest'ed arrays),
 run outside an explicit transaction, so it is atomic and costs one round
