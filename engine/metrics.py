@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from engine.health import EngineHealth
     from engine.session import SessionCounters
     from engine.state import CityState
+    from engine.sync import Sync
     from engine.writer import BatchWriter
 
 # Latency objectives (p99 <= 10 ms, and 5 ms and 50 ms for the dashboards;
@@ -125,6 +126,8 @@ class EngineSources:
     writer_queue_capacity: int
     # Uploaded offline taps by outcome (OfflineUploads.outcomes).
     offline_outcomes: Callable[[], dict[str, int]] = dict
+    # The hot list and the lists and notices sent to terminals (engine.sync).
+    sync: Sync | None = None
 
 
 class EngineCollector(Collector):
@@ -154,6 +157,39 @@ class EngineCollector(Collector):
         for outcome in OFFLINE_OUTCOMES:
             taps.add_metric([outcome], seen.get(outcome, 0))
         yield taps
+        yield _gauge(
+            "citycard_rules_version",
+            "The rules version in force (terminals offline decide by it).",
+            self._sources.state.rules_version,
+        )
+        sync = self._sources.sync
+        if sync is None:
+            return
+        hotlist = sync.hotlist
+        yield _gauge(
+            "citycard_hotlist_version",
+            "The newest hot-list change the engine holds: a terminal whose list is older is behind.",
+            hotlist.version,
+        )
+        yield _gauge(
+            "citycard_hotlist_cards",
+            "Cards on the hot list (blocked, lost, stolen, clone suspected).",
+            len(hotlist.listed),
+        )
+        frames = CounterMetricFamily(
+            "citycard_list_frames",
+            "Signed lists sent to terminals, by kind: hotlist_full (a page of the whole hot list),"
+            " hotlist_changes (a page of its changes since a version), rules (a service's rules).",
+            labels=["kind"],
+        )
+        for kind, count in dict(sync.frames_sent).items():
+            frames.add_metric([kind], count)
+        yield frames
+        yield _counter(
+            "citycard_notices",
+            "NOTICE frames sent to open sessions (the hot list or rules changed).",
+            sync.notices_sent,
+        )
 
     def _writer(self) -> Iterator[Metric]:
         writer = self._sources.writer

@@ -321,6 +321,7 @@ class Engine:
             pool_waits=lambda: processor.pool_waits,
             writer_queue_capacity=max(self.config.writer_queue_max, self.config.batch_taps_max),
             offline_outcomes=lambda: self.offline.outcomes if self.offline is not None else {},
+            sync=self.sync,
         )
         self.metrics.attach(sources, self._services)
 

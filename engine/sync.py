@@ -179,6 +179,15 @@ async def catch_up_hotlist(conn: asyncpg.Connection, hotlist: HotList) -> int:
             return applied
 
 
+# The kinds of list frame sent to terminals: the label values of
+# citycard_list_frames_total{kind}. A page of the whole hot list, a page of
+# its changes since a version, a service's rules.
+HOTLIST_FULL = "hotlist_full"
+HOTLIST_CHANGES = "hotlist_changes"
+RULES = "rules"
+LIST_FRAME_KINDS = (HOTLIST_FULL, HOTLIST_CHANGES, RULES)
+
+
 class Sync:
     """Answers HOTLIST_REQUEST and RULES_REQUEST, and tells sessions of changes."""
 
@@ -194,6 +203,10 @@ class Sync:
         # Where notices go: the open sessions (set by the engine).
         self.sessions: Callable[[], Iterable[TerminalSession]] = tuple
         self.pages_signed = 0
+        # Frames sent to terminals, for the metrics: lists by kind
+        # (LIST_FRAME_KINDS), and NOTICE frames.
+        self.frames_sent = dict.fromkeys(LIST_FRAME_KINDS, 0)
+        self.notices_sent = 0
 
     # --- the hot list --------------------------------------------------------------
 
@@ -213,6 +226,7 @@ class Sync:
         else:
             self._pages.move_to_end(key)
         page, signature = cached
+        self.frames_sent[HOTLIST_FULL if page[0] & fastpath.HOTLIST_FLAG_FULL else HOTLIST_CHANGES] += 1
         return fastpath.encode_hotlist(request_id, *page, signature)
 
     # --- rules ------------------------------------------------------------------------
@@ -246,6 +260,7 @@ class Sync:
             cached = (head, fares, self.signer.sign(RULES_LABEL, content))
             self._rules[key] = cached
         head, fares, signature = cached
+        self.frames_sent[RULES] += 1
         return fastpath.encode_rules(request_id, *head, fares, signature)
 
     async def rules_for(self, rules_version: int, service_id: int) -> CompiledVersion | None:
@@ -286,6 +301,7 @@ class Sync:
             frame = fastpath.encode_notice(0, hotlist_version, rules_version)
             for session in sessions[start : start + NOTICES_PER_TURN]:
                 session.push(frame)
+                self.notices_sent += 1
 
     def _spawn(self, coroutine: Coroutine[object, object, None]) -> None:
         task = asyncio.ensure_future(coroutine)

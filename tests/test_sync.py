@@ -34,6 +34,7 @@ from tests.city import (
     load_city_rules,
     running_engine,
 )
+from tests.metrics_helpers import scrape, value
 
 OPERATOR = "ana.garcia"
 
@@ -276,3 +277,44 @@ async def test_sync_requests_need_an_open_session(engine: EngineUnderTest) -> No
     writer.close()
     assert frames[0][:2] == (fastpath.MSG_ERROR, 5)
     assert fastpath.decode_error(frames[0][2])[0] == fastpath.ERR_NOT_AUTHENTICATED
+
+
+async def test_lists_and_notices_are_counted_for_the_operators(
+    rules_dsn: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """What an SRE sees of sync down (docs/operations.md): the hot list's
+    version and size, the rules version in force, the lists sent by kind and
+    the notices pushed."""
+    card = await add_card(conn, balance=500)
+    async with running_engine(rules_dsn, tmp_path, admin_port=0, metrics_port=0) as engine:
+        assert engine.engine is not None and engine.engine.metrics_port is not None
+        port = engine.engine.metrics_port
+
+        async def read() -> str:
+            return await asyncio.to_thread(scrape, port)
+
+        before = await read()
+        assert value(before, "citycard_rules_version") == await conn.fetchval("SELECT max(version) FROM rules_versions")
+        assert value(before, "citycard_hotlist_version") == await hotlist_version(conn)
+        assert value(before, "citycard_hotlist_cards") == len(await database_list(conn))
+        client = await engine.client(BUS_VALIDATOR)
+        copy = HotlistCopy(public_key(engine))
+        await copy.refresh(client)  # a first copy: the whole list
+        await client.rules(public_key=public_key(engine))
+        async with aiohttp.ClientSession() as http:
+            await Office(http, engine).block(card.uid, "lost")
+        await asyncio.wait_for(client.notices.get(), BLOCK_REACHES_TERMINALS_S)
+        noticed = await read()
+        await copy.refresh(client)  # then only what changed
+        after = await read()
+
+    def sent(exposition: str, kind: str) -> float:
+        return value(exposition, "citycard_list_frames_total", kind=kind)
+
+    assert sent(noticed, "hotlist_full") - sent(before, "hotlist_full") >= 1
+    assert sent(noticed, "rules") - sent(before, "rules") == 1
+    assert value(noticed, "citycard_notices_total") - value(before, "citycard_notices_total") >= 1
+    assert sent(after, "hotlist_changes") - sent(noticed, "hotlist_changes") >= 1
+    assert sent(after, "hotlist_full") == sent(noticed, "hotlist_full")
+    assert value(after, "citycard_hotlist_version") == await hotlist_version(conn)
+    assert value(after, "citycard_hotlist_cards") == value(before, "citycard_hotlist_cards") + 1
