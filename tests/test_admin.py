@@ -60,6 +60,15 @@ def fresh_seq() -> int:
     return time.time_ns() // 1000
 
 
+async def run_citycard(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``citycard ARGV`` in a thread (it blocks on the admin interface the
+    engine serves on this loop): exit status, stdout, stderr."""
+    args = build_parser().parse_args(list(argv))
+    status = await asyncio.to_thread(args.handler, args)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -445,14 +454,10 @@ async def test_card_commands_against_the_running_engine(
 ) -> None:
     card = await add_card(conn, balance=700)
     await engine.restart()
-    parser = build_parser()
     common = ["--admin-url", engine.admin_url, "--operator", "desk-3", "--data-dir", str(tmp_path)]
 
     async def citycard(*argv: str) -> tuple[int, str, str]:
-        args = parser.parse_args(list(argv))
-        status = await asyncio.to_thread(args.handler, args)
-        captured = capsys.readouterr()
-        return status, captured.out, captured.err
+        return await run_citycard(capsys, *argv)
 
     status, out, _ = await citycard("card", "block", hex(card.uid), "--reason", "stolen", *common)
     assert status == 0

@@ -10,7 +10,6 @@ while a change commits memory holds the smaller of the two limits.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,6 @@ import asyncpg.transaction
 import pytest
 
 from engine import admin as engine_admin
-from engine.cli import build_parser
 from engine.client import TerminalClient
 from engine.codes import ResultCode
 from engine.limits import DEBT_LIMIT_MAX_CENTS, OFFLINE_DEBT_LIMIT_CENTS
@@ -38,7 +36,7 @@ from tests.city import (
     load_city_rules,
     running_engine,
 )
-from tests.test_admin import OPERATOR, Office, admin_requests, audit_rows, fresh_seq
+from tests.test_admin import OPERATOR, Office, admin_requests, audit_rows, fresh_seq, run_citycard
 
 APPROVED = ResultCode.APPROVED
 
@@ -349,14 +347,10 @@ async def test_the_debt_limit_command(
     await engine.restart()
     state = held_state(engine)
     account = state.account_position[card.account_id]
-    parser = build_parser()
     common = ["--admin-url", engine.admin_url, "--operator", "desk-3", "--data-dir", str(tmp_path)]
 
     async def citycard(*argv: str) -> tuple[int, str, str]:
-        args = parser.parse_args(list(argv))
-        status = await asyncio.to_thread(args.handler, args)
-        captured = capsys.readouterr()
-        return status, captured.out, captured.err
+        return await run_citycard(capsys, *argv)
 
     status, out, _ = await citycard("card", "debt-limit", hex(card.uid), "300", *common)
     assert status == 0
