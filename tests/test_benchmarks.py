@@ -8,15 +8,12 @@ database on the test run's PostgreSQL server.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
 import pytest
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import run_json_module
 
 # Three 1-second phases, two engine starts and a 500-card seed take ~15 s
 # on the 2-core development machine (the other phases add ~15 s); the limit
@@ -36,42 +33,20 @@ COMMAND = [
     "500",
     "--rate",
     "200",
-    "--json",
 ]
 
 
 @pytest.mark.slow
 def test_end_to_end_benchmark_reports_sane_figures(fresh_db: Callable[..., str], tmp_path: Path) -> None:
     dsn = fresh_db(migrated=False)
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.end_to_end",
-            *COMMAND,
-            "--dsn",
-            dsn,
-            "--data-dir",
-            str(tmp_path),
-            "--plot",
-            str(tmp_path / "curve.png"),
-            "--plot-rates",
-            "100,300",
-            "--burst-rates",
-            "20,400",
-            "--burst",
-            "--metrics-cost",
-            "--rules-cost",
-        ],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=BENCHMARK_TIMEOUT_S,
+    code, report = run_json_module(
+        "benchmarks.end_to_end",
+        *COMMAND,
+        *("--dsn", dsn, "--data-dir", str(tmp_path), "--plot", str(tmp_path / "curve.png")),
+        *("--plot-rates", "100,300", "--burst-rates", "20,400", "--burst", "--metrics-cost", "--rules-cost"),
+        timeout_s=BENCHMARK_TIMEOUT_S,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    lines = [line for line in completed.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, completed.stdout
-    report = orjson.loads(lines[0])
+    assert code == 0, report
 
     for key in (
         "taps_per_s",
@@ -149,23 +124,13 @@ def test_offline_upload_benchmark_reports_its_figures(fresh_db: Callable[..., st
     """python -m benchmarks.offline_upload: every tap applied once, whatever
     the second pass uploads, with the online figures beside it."""
     dsn = fresh_db(migrated=False)
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.offline_upload",
-            *("--taps", "700", "--rate", "100", "--connections", "2", "--cards", "500"),
-            *("--warmup", "0.2", "--baseline", "0.5", "--dsn", dsn, "--data-dir", str(tmp_path), "--json"),
-        ],
-        cwd=REPOSITORY_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=BENCHMARK_TIMEOUT_S,
+    code, report = run_json_module(
+        "benchmarks.offline_upload",
+        *("--taps", "700", "--rate", "100", "--connections", "2", "--cards", "500"),
+        *("--warmup", "0.2", "--baseline", "0.5", "--dsn", dsn, "--data-dir", str(tmp_path)),
+        timeout_s=BENCHMARK_TIMEOUT_S,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    lines = [line for line in completed.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, completed.stdout
-    report = orjson.loads(lines[0])
+    assert code == 0, report
     assert (report["uploaded"], report["applied"], report["duplicates_applied"]) == (700, 700, 0)
     assert report["second_pass_identical"] and report["charged_cents_match"]
     assert report["frames_per_pass"] == 3  # 256 taps a frame
