@@ -331,12 +331,22 @@ class OfflineUploads:
                 return
         recorded_ms = now_ms()
         claimed: list[int] = []
+        refused = 0
         for index, tap in enumerate(taps):
             if index and not index % OFFLINE_CHECKS_PER_TURN:
                 processor.flush()
                 await asyncio.sleep(0)  # online taps first
             seq = tap[0]
-            if tap_refusal(tap, versions[tap[5]], terminal.service_id, recorded_ms) is not None:
+            reason = tap_refusal(tap, versions[tap[5]], terminal.service_id, recorded_ms)
+            if reason is not None:
+                if not refused:
+                    # One line an upload, naming the first: a terminal with a
+                    # wrong clock refuses every tap it uploads.
+                    log.warning(
+                        "offline taps refused",
+                        extra={"terminal_id": terminal.id, "terminal_seq": seq, "reason": reason},
+                    )
+                refused += 1
                 answer.deliver_result(index, seq, ResultCode.PROTOCOL_ERROR, 0, 0, 0)
                 continue
             fingerprint = request_fingerprint(_TAP, tap[1], tap[2], tap[4], 0, tap[3], None, -1)

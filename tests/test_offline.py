@@ -288,7 +288,7 @@ async def test_a_tap_recorded_online_and_uploaded_from_offline_is_one_tap(
 
 
 async def test_uploaded_taps_the_engine_cannot_accept_are_refused(
-    city: tuple[str, asyncpg.Connection], tmp_path: Path
+    city: tuple[str, asyncpg.Connection], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dsn, conn = city
     try:
@@ -312,6 +312,10 @@ async def test_uploaded_taps_the_engine_cannot_accept_are_refused(
             results = await client.upload_offline([*bad, good])
             assert [r.result for r in results] == [ResultCode.PROTOCOL_ERROR] * len(bad) + [ResultCode.APPROVED]
             assert (await client.upload_offline([])) == []
+        # One line for the upload, naming the first refusal (docs/operations.md).
+        [logged] = [r for r in caplog.records if r.getMessage() == "offline taps refused"]
+        assert (logged.terminal_id, logged.terminal_seq) == (BUS_VALIDATOR, seq)  # type: ignore[attr-defined]
+        assert logged.reason == "event time ahead of the engine's clock"  # type: ignore[attr-defined]
         recorded = await conn.fetchval(
             "SELECT count(*) FROM taps WHERE terminal_id = $1 AND terminal_seq >= $2", 1, seq
         )
