@@ -170,9 +170,10 @@ OFFLINE_DECIDE_SLICE = OFFLINE_TAPS_PER_BATCH_MAX
 OFFLINE_ANSWERS_PER_TURN = 64
 
 # Uploaded taps checked per turn of the event loop before any is decided
-# (refused, answered from memory, or claimed for deciding): 10-20 us each,
-# so a whole upload of 256 would hold online taps for 3-5 ms; 32 hold them
-# for well under one.
+# (refused, answered from memory, or claimed for deciding): a few
+# microseconds each (the refusal check and the fingerprint alone 1.5 us on
+# the reference machine), so a whole upload of 256 would hold online taps
+# for about a millisecond in one turn; 32 keep a turn near a tenth of that.
 OFFLINE_CHECKS_PER_TURN = 32
 
 # An offline tap's event time may be at most this long before its upload:

@@ -331,7 +331,7 @@ class OfflineUploads:
                 return
         recorded_ms = now_ms()
         claimed: list[int] = []
-        refused = 0
+        refused: list[tuple[int, str]] = []  # (sequence, why), in upload order
         for index, tap in enumerate(taps):
             if index and not index % OFFLINE_CHECKS_PER_TURN:
                 processor.flush()
@@ -339,14 +339,7 @@ class OfflineUploads:
             seq = tap[0]
             reason = tap_refusal(tap, versions[tap[5]], terminal.service_id, recorded_ms)
             if reason is not None:
-                if not refused:
-                    # One line an upload, naming the first: a terminal with a
-                    # wrong clock refuses every tap it uploads.
-                    log.warning(
-                        "offline taps refused",
-                        extra={"terminal_id": terminal.id, "terminal_seq": seq, "reason": reason},
-                    )
-                refused += 1
+                refused.append((seq, reason))
                 answer.deliver_result(index, seq, ResultCode.PROTOCOL_ERROR, 0, 0, 0)
                 continue
             fingerprint = request_fingerprint(_TAP, tap[1], tap[2], tap[4], 0, tap[3], None, -1)
@@ -356,6 +349,19 @@ class OfflineUploads:
             answer.claimed.add(index)
             claimed.append(index)
         processor.flush()
+        if refused:
+            # One line an upload, naming the first: a terminal with a wrong
+            # clock refuses every tap it uploads.
+            first_seq, reason = refused[0]
+            log.warning(
+                "offline taps refused",
+                extra={
+                    "terminal_id": terminal.id,
+                    "refused": len(refused),
+                    "terminal_seq": first_seq,
+                    "reason": reason,
+                },
+            )
         # Sequences the record may hold: one query for all of them.
         maybe = [taps[index][0] for index in claimed if taps[index][0] <= terminal.high_seq]
         if maybe:

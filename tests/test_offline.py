@@ -316,6 +316,7 @@ async def test_uploaded_taps_the_engine_cannot_accept_are_refused(
         [logged] = [r for r in caplog.records if r.getMessage() == "offline taps refused"]
         assert (logged.terminal_id, logged.terminal_seq) == (BUS_VALIDATOR, seq)  # type: ignore[attr-defined]
         assert logged.reason == "event time ahead of the engine's clock"  # type: ignore[attr-defined]
+        assert logged.refused == len(bad)  # type: ignore[attr-defined]
         recorded = await conn.fetchval(
             "SELECT count(*) FROM taps WHERE terminal_id = $1 AND terminal_seq >= $2", 1, seq
         )
