@@ -169,8 +169,8 @@ class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
 # card: the rest of the maximum charge its stay's entry took.
 # A reversal is counted under its original's fare profile when it records
 # none itself, so a refund lands where the fare did. The range on recorded_at
-# reads the day through the taps_recorded_at index (BRIN, schema/0007). Originals are looked up
-# by primary key for reversals only (a join would be flattened by the
+# reads the day through the taps_recorded_at index (BRIN, schema/0007).
+# Originals are looked up by primary key for reversals only (a join would be flattened by the
 # planner into hashing the whole tap record to serve a handful of rows).
 _DAILY_SQL = """
 WITH day AS MATERIALIZED (
