@@ -36,7 +36,15 @@ class OptionalBuildExt(build_ext):
             print(f"WARNING: {ext.name} was not built ({error}); using the pure-Python twin")
 
 
-extensions = [Extension("engine._fastpath", ["engine/_fastpath.pyx"], extra_compile_args=["-O3"])]
+extensions = [
+    Extension(
+        "engine._fastpath",
+        ["engine/_fastpath.pyx"],
+        # The SHA-256 compression on the CPU's SHA instructions, chosen at run time.
+        depends=["engine/_sha256_x86.h"],
+        extra_compile_args=["-O3"],
+    )
+]
 if cythonize is not None:
     extensions = cythonize(
         extensions,
@@ -84,7 +92,7 @@ setup(
     description="A high-throughput transaction engine for a city citizen card",
     python_requires=">=3.11",
     packages=find_packages(include=["engine", "engine.*", "benchmarks", "benchmarks.*", "loadtest", "loadtest.*"]),
-    package_data={"engine": ["_fastpath.pyx", "py.typed"]},
+    package_data={"engine": ["_fastpath.pyx", "_sha256_x86.h", "py.typed"]},
     ext_modules=extensions,
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=RUNTIME,

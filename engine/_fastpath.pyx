@@ -7,7 +7,8 @@ the hot path of every connection, so it is Cython: big-endian integers are
 assembled from a ``const unsigned char*`` without the ``struct`` module, and
 frames are split without copying the stream more than once. The frames of an
 open session are sealed: ``SealKey`` computes and checks their tags
-(HMAC-SHA256, with SHA-256 written out in C) and ``FrameReader`` holds them
+(HMAC-SHA256, with SHA-256 written out in C, on the CPU's SHA
+instructions where it has them) and ``FrameReader`` holds them
 to their sizes.
 
 It knows nothing of asyncio, the database or metrics, and imports nothing
@@ -1617,11 +1618,38 @@ def engine_proof(key, terminal_id, key_version, client_nonce, server_nonce):
 # Sealed frames (docs/protocol.md, "Sealed frames"): the tag of each frame
 # after the handshake, HMAC-SHA256 under a session key truncated to
 # SEAL_TAG_BYTES. SHA-256 (FIPS 180-4) is written out here so that a tag
-# costs two compressions and no allocation: through hashlib each tag would
+# costs a few compressions and no allocation: through hashlib each tag would
 # cost several Python calls and OpenSSL's per-call setup, more than the rest
-# of a tap's decoding and encoding. engine/seal.py holds the session keys and
-# counters; tests/test_seal.py holds this against hmac and hashlib.
+# of a tap's decoding and encoding. A compression uses the CPU's SHA
+# instructions where it has them (engine/_sha256_x86.h), else the portable
+# C below. engine/seal.py holds the session keys and counters;
+# tests/test_seal.py holds both compressions against hmac and hashlib.
 # =============================================================================
+
+cdef extern from "_sha256_x86.h":
+    int citycard_sha256_ni_supported() noexcept nogil
+    void citycard_sha256_compress_ni(uint32_t* state, const unsigned char* block) noexcept nogil
+
+# Asked once, at import: CPUID does not change while the process runs.
+cdef bint _sha256_ni = citycard_sha256_ni_supported() != 0
+
+
+def _sha256_compression():
+    """Which SHA-256 compression seals frames: "sha-ni" or "portable"."""
+    return "sha-ni" if _sha256_ni else "portable"
+
+
+def _use_sha256_compression(name):
+    """Choose the compression ("sha-ni" or "portable"), for tests that hold
+    each against hashlib; "sha-ni" where the CPU lacks it raises ValueError."""
+    global _sha256_ni
+    if name == "portable":
+        _sha256_ni = False
+    elif name == "sha-ni" and citycard_sha256_ni_supported():
+        _sha256_ni = True
+    else:
+        raise ValueError(f"no SHA-256 compression {name!r} on this CPU")
+
 
 cdef enum:
     _SHA256_BLOCK = 64
@@ -1656,7 +1684,14 @@ cdef inline uint32_t _rotr(uint32_t x, int n) noexcept nogil:
     return (x >> n) | (x << (32 - n))
 
 
-cdef void _sha256_compress(uint32_t* state, const unsigned char* block) noexcept nogil:
+cdef inline void _sha256_compress(uint32_t* state, const unsigned char* block) noexcept nogil:
+    if _sha256_ni:
+        citycard_sha256_compress_ni(state, block)
+    else:
+        _sha256_compress_portable(state, block)
+
+
+cdef void _sha256_compress_portable(uint32_t* state, const unsigned char* block) noexcept nogil:
     cdef uint32_t w[64]
     cdef uint32_t a, b, c, d, e, f, g, h, t1, t2
     cdef int i

@@ -322,10 +322,12 @@ class EngineMetrics:
             LOOP_LAG_BUCKETS_S,
             registry,
         )
-        # (service id, operation, result) -> committed decisions. Written by
-        # the loop only; copied whole by the scrape thread.
-        self._decisions: dict[tuple[int, int, int], int] = {}
-        self._flags: dict[tuple[int, int], int] = {}  # (service id, TapInfo bit) -> committed decisions
+        # (service id, operation, result, TapInfo bits) -> committed
+        # decisions. Written by the loop only; copied whole by the scrape
+        # thread, which sums it per result and splits the bits per flag. One
+        # dict update a decision: most bus taps carry a flag (TRANSFER), so
+        # counting each flag on the loop would cost a loop over the flags.
+        self._decisions: dict[tuple[int, int, int, int], int] = {}
         self._immediate: dict[int, int] = {}
         self._services: dict[int, str] = {}
         self._http: ThreadingHTTPServer | None = None
@@ -334,18 +336,9 @@ class EngineMetrics:
 
     def count_decision(self, decision: Decision) -> None:
         """One committed decision (``Processor.on_result``): a dict update."""
-        key = (decision.service_id, decision.kind, decision.result)
+        key = (decision.service_id, decision.kind, decision.result, decision.info)
         decisions = self._decisions
         decisions[key] = decisions.get(key, 0) + 1
-        info = decision.info
-        if info:
-            # Rare beside plain taps (a concession near renewal, a transfer,
-            # a flag): the loop runs only then.
-            flags = self._flags
-            for bit in _INFO_BITS:
-                if info & bit:
-                    flag_key = (decision.service_id, bit)
-                    flags[flag_key] = flags.get(flag_key, 0) + 1
 
     def count_immediate(self, result: int) -> None:
         """One request answered without a decision (``Processor.on_immediate``)."""
@@ -376,7 +369,14 @@ class EngineMetrics:
         )
         # Every (service, reason) from zero, so a first decline is a rate, not a new series.
         declines = {(service, reason): 0 for service in services.values() for reason in _DECLINES}
-        for (service_id, kind, result), count in sorted(decisions.items()):
+        by_result: dict[tuple[int, int, int], int] = {}
+        flags: dict[tuple[int, int], int] = {}  # (service id, TapInfo bit) -> committed decisions
+        for (service_id, kind, result, info), count in decisions.items():
+            by_result[(service_id, kind, result)] = by_result.get((service_id, kind, result), 0) + count
+            for bit in _INFO_BITS:
+                if info & bit:
+                    flags[(service_id, bit)] = flags.get((service_id, bit), 0) + count
+        for (service_id, kind, result), count in sorted(by_result.items()):
             service = services.get(service_id, UNKNOWN_SERVICE)
             requests.add_metric([service, _OPERATION_NAMES[kind], _RESULT_NAMES[result]], count)
             if result in _DECLINES:
@@ -396,7 +396,6 @@ class EngineMetrics:
         for result in _IMMEDIATE:
             answers.add_metric([_RESULT_NAMES[result]], immediate.get(result, 0))
         yield answers
-        flags = self._flags.copy()
         flagged = CounterMetricFamily(
             "citycard_tap_flags",
             "Committed decisions by service and TapInfo flag (concession not valid, renewal due, show ID,"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 
 import asyncpg
@@ -112,7 +113,11 @@ class Processor:
         self.pool = pool
         self.writer: BatchWriter | None = None
         self._pending: dict[tuple[int, int], Decision] = {}
-        self._recent: dict[int, dict[int, Decision]] = {}
+        # Per terminal, its last final results in the order they were decided.
+        # An OrderedDict because the oldest is dropped at every tap: deleting
+        # a plain dict's first key leaves a hole that every later
+        # next(iter()) walks past until the dict is rebuilt (0.8 us a tap).
+        self._recent: dict[int, OrderedDict[int, Decision]] = {}
         self._lookups: dict[tuple[int, int], list[tuple[ReplyTarget, int, Fingerprint]]] = {}
         self._reversing: set[tuple[int, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -446,10 +451,10 @@ class Processor:
     def _remember(self, decision: Decision) -> None:
         recent = self._recent.get(decision.terminal_id)
         if recent is None:
-            recent = self._recent[decision.terminal_id] = {}
+            recent = self._recent[decision.terminal_id] = OrderedDict()
         recent[decision.terminal_seq] = decision
         if len(recent) > RECENT_RESULTS_PER_TERMINAL:
-            del recent[next(iter(recent))]
+            recent.popitem(last=False)
 
     # --- batch outcomes -----------------------------------------------------------
 

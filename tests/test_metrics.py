@@ -250,22 +250,33 @@ def test_decisions_are_counted_in_a_dict_and_exported_at_scrape_time() -> None:
     assert families["citycard_tap_flags"].samples == []
 
 
-def test_flags_are_counted_per_service_and_flag() -> None:
+def test_flags_are_counted_per_service_and_flag_and_requests_per_result() -> None:
     class FakeDecision:
         service_id = 1
         kind = 0
         result = int(ResultCode.APPROVED)
         info = int(TapInfo.SHARING_SUSPECTED | TapInfo.SHOW_ID)
 
+    class Plain(FakeDecision):
+        info = 0
+
+    class Transfer(FakeDecision):
+        info = int(TapInfo.TRANSFER)
+
     metrics = EngineMetrics()
     metrics._services = {1: "bus", 2: "pools"}
-    for _ in range(3):
-        metrics.count_decision(FakeDecision())  # type: ignore[arg-type]
+    for decision in [FakeDecision(), Plain(), FakeDecision(), Transfer(), Plain(), FakeDecision()]:
+        metrics.count_decision(decision)  # type: ignore[arg-type]
     families = {family.name: family for family in metrics.collect_decisions()}
     flagged = {(s.labels["service"], s.labels["flag"]): s.value for s in families["citycard_tap_flags"].samples}
     assert len(flagged) == 2 * 10  # every (service, flag) pair from zero
     assert flagged[("bus", "sharing_suspected")] == flagged[("bus", "show_id")] == 3
-    assert flagged[("bus", "transfer")] == flagged[("pools", "show_id")] == 0
+    assert flagged[("bus", "transfer")] == 1
+    assert flagged[("bus", "capped")] == flagged[("pools", "show_id")] == 0
+    # Whatever their flags, the decisions of one result are one series.
+    (requests,) = families["citycard_requests"].samples
+    assert requests.labels == {"service": "bus", "operation": "tap", "result": "approved"}
+    assert requests.value == 6
 
 
 @NEEDS_PROMTOOL

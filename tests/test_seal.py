@@ -10,6 +10,7 @@ import hmac
 import os
 import random
 import struct
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from engine import fastpath, seal
 from engine.codes import ErrorCode, MessageType
 from engine.seal import Opener, Sealer, SessionKeys, derive_session_keys, hkdf_sha256
+from tests.twins import load_twin
 
 KEY = bytes(range(32))
 TERMINAL_ID, KEY_VERSION = 4242, 1
@@ -218,3 +220,50 @@ def test_a_sealed_stream_through_the_reader(fp: ModuleType) -> None:
     opened = [opener.open(msg_type, request_id, body) for msg_type, request_id, body in delivered[1:]]
     assert opened == [frame[12:] for frame in requests]
     assert seal.REJECTED_REASONS == ("bad_tag", "bad_counter", "not_sealed")
+
+
+# --- The compiled twin's two SHA-256 compressions ------------------------------------------
+
+
+@pytest.fixture(params=["sha-ni", "portable"])
+def compression(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The compiled twin sealing with one compression, then as it was."""
+    compiled = load_twin("cython")
+    before = compiled._sha256_compression()
+    try:
+        compiled._use_sha256_compression(request.param)
+    except ValueError:
+        pytest.skip("this CPU has no SHA instructions: only the portable compression can run here")
+    yield request.param
+    compiled._use_sha256_compression(before)
+
+
+def test_each_compression_gives_hmac_sha256_at_every_length(compression: str) -> None:
+    """Every frame length from the smallest ERROR to one of several blocks:
+    each padding case (the length field in the last block or in one more)."""
+    compiled = load_twin("cython")
+    assert compiled._sha256_compression() == compression
+    rng = random.Random(11)
+    for text_length in range(0, 300):
+        key = rng.randbytes(32)
+        frame = compiled.encode_error(rng.randrange(2**32), rng.randrange(256), "y" * text_length)
+        sealed = compiled.SealKey(key).seal(frame, rng.randrange(2**64))
+        assert sealed[-16:] == hmac.digest(key, sealed[4:-16], "sha256")[:16], text_length
+        body = compiled.SealKey(key).open(
+            sealed[5],
+            struct.unpack_from(">I", sealed, 8)[0],
+            sealed[12:],
+            struct.unpack_from(">Q", sealed, len(sealed) - 24)[0],
+        )
+        assert body == frame[12:]
+
+
+def test_the_selected_compression_is_the_fast_one_where_the_cpu_has_it() -> None:
+    """Detection: the CPU's flags as Linux lists them against the module's choice."""
+    compiled = load_twin("cython")
+    try:
+        flags = {flag for line in open("/proc/cpuinfo") if line.startswith("flags") for flag in line.split()[2:]}
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    expected = "sha-ni" if {"sha_ni", "sse4_1", "ssse3"} <= flags else "portable"
+    assert compiled._sha256_compression() == expected
