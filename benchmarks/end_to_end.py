@@ -440,6 +440,8 @@ class Resources:
             sample["batch_size_sum"] = metric_sum(exposition, "citycard_batch_size_sum")
             sample["batch_size_count"] = metric_sum(exposition, "citycard_batch_size_count")
             sample["commit_s_sum"] = metric_sum(exposition, "citycard_commit_duration_seconds_sum")
+            sample["loop_lag_s_sum"] = metric_sum(exposition, "citycard_event_loop_lag_seconds_sum")
+            sample["loop_lag_count"] = metric_sum(exposition, "citycard_event_loop_lag_seconds_count")
         return sample
 
 
@@ -455,6 +457,8 @@ def usage(before: dict[str, float], after: dict[str, float]) -> dict[str, object
     batches = after.get("batch_size_count", 0.0) - before.get("batch_size_count", 0.0)
     decisions = after.get("batch_size_sum", 0.0) - before.get("batch_size_sum", 0.0)
     commit_s = after.get("commit_s_sum", 0.0) - before.get("commit_s_sum", 0.0)
+    lag_s = after.get("loop_lag_s_sum", 0.0) - before.get("loop_lag_s_sum", 0.0)
+    lag_samples = after.get("loop_lag_count", 0.0) - before.get("loop_lag_count", 0.0)
     return {
         "cpu_percent": {
             "engine": percent("engine_cpu_s"),
@@ -467,6 +471,9 @@ def usage(before: dict[str, float], after: dict[str, float]) -> dict[str, object
         # Share of the window in which the writer was committing: near 100%
         # means the database round trip is the bottleneck.
         "writer_busy_percent": round(100 * commit_s / wall, 1) if wall > 0 else None,
+        # How late the engine's 100 ms timer ran, on average: the length of
+        # the event loop's turns, which a finished commit waits out too.
+        "loop_lag_ms_mean": round(1000 * lag_s / lag_samples, 2) if lag_samples else None,
     }
 
 

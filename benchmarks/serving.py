@@ -61,6 +61,7 @@ from engine.processor import Processor
 from engine.seal import Opener, Sealer, derive_session_keys
 from engine.session import SessionContext, SessionLimits, TerminalSession
 from engine.state import CityState
+from engine.turns import TurnBudget
 from engine.writer import BatchWriter, batch_arguments
 
 # The closed loop's city (benchmarks.end_to_end seeds 20,000 cards).
@@ -198,8 +199,15 @@ def one_round(
     processor.attach(cast(BatchWriter, writer))
     metrics = EngineMetrics()
     processor.on_result = metrics.count_decision
-    # A wave may bring one terminal more taps than a real one pipelines.
-    context = SessionContext(state, processor, MASTER_KEY, limits=SessionLimits(max_in_flight=batch))
+    # A wave may bring one terminal more taps than a real one pipelines, and
+    # a wave is delivered without the loop turning: no per-turn limit.
+    context = SessionContext(
+        state,
+        processor,
+        MASTER_KEY,
+        limits=SessionLimits(max_in_flight=batch),
+        turns=TurnBudget(inline_frames=2**62),
+    )
     terminals: dict[int, Terminal] = {}
     for terminal_id in sorted({tap.terminal_id for tap in planned}):
         state.terminals[terminal_id].high_seq = -1

@@ -80,20 +80,36 @@ HANDSHAKE_DEADLINE_S = 5.0
 # every 30 s when idle (see docs/protocol.md), so 90 s is three missed pings.
 IDLE_TIMEOUT_S = 90.0
 
+# Frames sessions decide as they arrive in one turn of the event loop; the
+# rest wait for later turns (engine/turns.py), so that a finished commit is
+# noticed within a few milliseconds however many terminals sent at once.
+# At ~6 us a frame (benchmarks.serving) 512 frames are ~3 ms; a city's
+# terminals send one or two frames at a time, so only a pipelining crowd
+# reaches it.
+SESSION_FRAMES_PER_TURN = 512
+# Frames the pump decides per turn for the sessions left waiting: another
+# ~3 ms. Fewer starve the backlog: the pump runs once a turn, and a turn
+# also answers a committed batch (benchmarks.end_to_end at 64 sessions x 128
+# taps: 128 a turn gave 37,000-40,000 taps/s, 512 gave 52,000).
+PUMP_FRAMES_PER_TURN = 512
+
 # Reply bytes buffered for a connection before the engine stops reading from
 # it (transport back-pressure): 64 KiB is ~1,870 TAP_RESULTs of 35 bytes.
 WRITE_HIGH_WATER_BYTES = 64 * 1024
 
 # --- Group commit -------------------------------------------------------------
 
-# Most taps in one database transaction. At ~2 us of SQL work per tap, 4,096
-# taps keep one commit around 10 ms, within the latency objective, while
-# amortising the fsync over thousands of taps at peak.
+# Most taps in one database transaction. PostgreSQL spends ~8 us of CPU on
+# each tap of a batch (benchmarks.end_to_end's closed loop: its CPU over the
+# taps committed), so 4,096 taps are a commit of ~30 ms: batches this large
+# come only from a saturating load, where they share each fsync among
+# thousands of taps, and a tap then waits at most two commits. At a city's
+# load batches hold a few taps and commit in about a millisecond.
 BATCH_TAPS_MAX = 4096
 
 # Decisions waiting for the writer (queued plus in flight). Beyond this the
 # engine answers BUSY_RETRY at once instead of queueing without bound:
-# four full batches is ~40 ms of work at peak.
+# four full batches, ~130 ms of PostgreSQL's work at peak.
 WRITER_QUEUE_MAX = 4 * BATCH_TAPS_MAX
 
 # After a failed commit the writer retries the database with exponential

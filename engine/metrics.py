@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from engine.session import SessionCounters
     from engine.state import CityState
     from engine.sync import Sync
+    from engine.turns import TurnBudget
     from engine.writer import BatchWriter
 
 # Latency objectives (p99 <= 10 ms, and 5 ms and 50 ms for the dashboards;
@@ -128,6 +129,8 @@ class EngineSources:
     offline_outcomes: Callable[[], dict[str, int]] = dict
     # The hot list and the lists and notices sent to terminals (engine.sync).
     sync: Sync | None = None
+    # Frames left for a later turn of the event loop (engine.turns).
+    turns: TurnBudget | None = None
 
 
 class EngineCollector(Collector):
@@ -222,6 +225,15 @@ class EngineCollector(Collector):
         )
 
     def _sessions(self) -> Iterator[Metric]:
+        turns = self._sources.turns
+        if turns is not None:
+            yield _counter(
+                "citycard_frames_deferred",
+                "Frames decided in a later turn of the event loop than the one they arrived in (more arrived"
+                " at once than a turn decides).",
+                turns.deferred_frames,
+            )
+            yield _gauge("citycard_sessions_waiting", "Sessions with frames waiting for a later turn.", turns.waiting())
         counters = self._sources.sessions
         yield _gauge("citycard_connections_open", "Open terminal connections.", counters.connections_open)
         yield _counter("citycard_connections_accepted", "Terminal connections accepted.", counters.connections_total)

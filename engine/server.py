@@ -322,6 +322,7 @@ class Engine:
             writer_queue_capacity=max(self.config.writer_queue_max, self.config.batch_taps_max),
             offline_outcomes=lambda: self.offline.outcomes if self.offline is not None else {},
             sync=self.sync,
+            turns=context.turns,
         )
         self.metrics.attach(sources, self._services)
 

@@ -17,6 +17,7 @@ when either list changes) and takes the taps it decided offline
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 import os
@@ -47,6 +48,7 @@ from engine.seal import (
     derive_session_keys,
 )
 from engine.state import CityState, Terminal, now_ms
+from engine.turns import TurnBudget
 
 if TYPE_CHECKING:
     from engine.offline import OfflineUploads
@@ -127,6 +129,8 @@ class SessionContext:
     # uploads; None: not served (such requests close the connection).
     sync: Sync | None = None
     offline: OfflineUploads | None = None
+    # How many frames sessions decide per turn of the loop (engine/turns.py).
+    turns: TurnBudget = field(default_factory=TurnBudget)
 
 
 class TerminalSession(asyncio.Protocol):
@@ -157,6 +161,13 @@ class TerminalSession(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.peer = "?"
+        # Frames received but left for a later turn (engine/turns.py), in
+        # order, and the reader's fault that came after them, if any.
+        self._backlog: collections.deque[tuple[int, int, bytes]] | None = None
+        self._backlog_fault: fastpath.ProtocolError | None = None
+        # Reading stops while replies back up or frames wait; it resumes
+        # when neither holds.
+        self._writing_paused = False
 
     # --- asyncio.Protocol -----------------------------------------------------
 
@@ -193,24 +204,73 @@ class TerminalSession(asyncio.Protocol):
         self._closed = True
         self._transport = None
         self._out.clear()
+        self._backlog = None
 
     def pause_writing(self) -> None:
         # The peer reads slower than we answer: stop taking its requests
         # until it catches up, so its replies cannot pile up without bound.
+        self._writing_paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None and not self._closed:
+        self._writing_paused = False
+        if self._transport is not None and not self._closed and self._backlog is None:
             self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
-            return
+        if self._closed or self._backlog_fault is not None:
+            return  # closed, or closing once the frames before its fault are decided
         self._last_received = asyncio.get_running_loop().time()
         if self._observing:
             self._chunk_received = time.perf_counter()
         frames = self._reader.feed(data)
+        fault = self._reader.error
+        backlog = self._backlog
+        if backlog is not None:
+            # Reading stopped with frames waiting; whatever was already on
+            # its way joins them.
+            backlog.extend(frames)
+            if fault is not None:
+                self._backlog_fault = fault
+            return
+        granted = self._context.turns.grant(len(frames))
+        if granted < len(frames):
+            self._backlog = collections.deque(frames[granted:])
+            self._backlog_fault = fault
+            fault = None
+            frames = frames[:granted]
+            if self._transport is not None:
+                self._transport.pause_reading()
+            self._context.turns.wait(self, len(self._backlog))
+        self._handle(frames, fault)
+
+    def has_backlog(self) -> bool:
+        return self._backlog is not None
+
+    def handle_backlog(self, most: int) -> int:
+        """Decide up to ``most`` of the frames left waiting (the pump of
+        engine/turns.py); return how many were taken."""
+        backlog = self._backlog
+        if backlog is None:
+            return 0
+        if self._closed:
+            self._backlog = None
+            return 0
+        taken = min(most, len(backlog))
+        frames = [backlog.popleft() for _ in range(taken)]
+        fault = None
+        if not backlog:
+            self._backlog = None
+            fault, self._backlog_fault = self._backlog_fault, None
+            if self._transport is not None and not self._writing_paused:
+                self._transport.resume_reading()
+        self._handle(frames, fault)
+        return taken
+
+    def _handle(self, frames: list[tuple[int, int, bytes]], fault: fastpath.ProtocolError | None) -> None:
+        """Open and dispatch frames in order, then the reader's fault (if
+        any), then write the replies they made."""
         for msg_type, request_id, body in frames:
             if self._closed:
                 return
@@ -226,7 +286,6 @@ class TerminalSession(asyncio.Protocol):
                     self._rejected(reason, msg_type, request_id, str(error))
                 self.fail(error.code, str(error), request_id)
                 return
-        fault = self._reader.error
         if fault is not None and not self._closed:
             if fault.code == ErrorCode.BAD_FLAGS and self._opener is not None:
                 self._rejected(REJECTED_NOT_SEALED, None, fault.request_id, str(fault))

@@ -38,6 +38,7 @@ from engine.cli_terminal import start_rotation
 from engine.client import AuthenticationError, ConnectionLost, EngineError, TerminalClient
 from engine.codes import ErrorCode, MessageType, ResultCode
 from engine.keys import derive_terminal_key, load_master_key
+from engine.limits import SESSION_FRAMES_PER_TURN
 from engine.seal import Opener, Sealer, SessionKeys, derive_session_keys
 from engine.tls import MINIMUM_VERSION, client_context
 from tests.city import (
@@ -259,6 +260,27 @@ async def test_sealed_requests_pipelined_behind_auth(engine: EngineUnderTest, ca
     )
     assert terminal.opener.counter == 3
     writer.close()
+
+
+async def test_a_burst_beyond_a_turn_is_answered_in_order(engine: EngineUnderTest) -> None:
+    """More sealed frames in one write than the engine decides in a turn of
+    its loop (SESSION_FRAMES_PER_TURN): the rest wait for later turns, and
+    every answer still comes, in order, sealed with consecutive counters."""
+    terminal = await RawTerminal.open(engine.port, terminal_key(engine.data_dir, BUS_VALIDATOR))
+    context = engine.engine.context
+    assert terminal.sealer is not None and terminal.opener is not None and context is not None
+    before = context.turns.deferred_frames
+    count = 8 * SESSION_FRAMES_PER_TURN
+    terminal.writer.write(b"".join(terminal.sealer.seal(fastpath.encode_ping(n, n)) for n in range(1, count + 1)))
+    frames = await terminal.read_frames(count)
+    assert [(msg_type, request_id) for msg_type, request_id, _ in frames] == [
+        (MessageType.PONG, n) for n in range(1, count + 1)
+    ]
+    assert [fastpath.decode_pong(body) for _, _, body in frames] == list(range(1, count + 1))
+    assert terminal.opener.counter == count
+    # 4,096 frames of 44 bytes reach the engine in reads far larger than a turn's share.
+    assert context.turns.deferred_frames > before
+    terminal.writer.close()
 
 
 class StandInEngine:
