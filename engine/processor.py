@@ -174,6 +174,40 @@ class Processor:
             self._answer_now(target, request_id, terminal_seq, ResultCode.PROTOCOL_ERROR)
             return
         key = (terminal.id, terminal_seq)
+        if terminal_seq > terminal.high_seq and kind != _REVERSAL and key not in self._lookups:
+            # A sequence above every one this terminal has had decided or
+            # recorded: nothing pending or remembered can hold it (high_seq
+            # is raised before a decision is pending, and the record holds
+            # none above it), so there is nothing to compare it with. Only
+            # the claim of an uploaded offline tap can, in _lookups.
+            writer = self.writer
+            if writer is None or not writer.has_room():
+                self._answer_now(target, request_id, terminal_seq, ResultCode.BUSY_RETRY)
+                return
+            decision = Decision(
+                terminal.id,
+                terminal_seq,
+                kind,
+                card_uid,
+                card_counter,
+                tap_flags,
+                requested,
+                original_seq,
+                event_time_ms,
+                now_ms(),
+                terminal.service_id,
+            )
+            if kind == _TAP:
+                decide_tap(self.state, terminal, decision)
+            else:
+                decide_topup(self.state, terminal, decision)
+            terminal.high_seq = terminal_seq
+            decision.waiters.append((target, request_id))
+            self._pending[key] = decision
+            writer.submit(decision)
+            if self.unsafe_answer_before_commit:
+                self._answer_unsafely(decision)
+            return
         if kind == _REVERSAL and original_terminal is None:
             original_terminal = terminal.id
         fingerprint = request_fingerprint(
@@ -203,6 +237,11 @@ class Processor:
         if waiting is not None:
             waiting.append((target, request_id, fingerprint))
             return
+        # Slow path: the record may already hold this sequence (a retry after
+        # a restart, or an old one), or the decision (a reversal) needs it.
+        if len(self._lookups) >= LOOKUPS_MAX:
+            self._answer_now(target, request_id, terminal_seq, ResultCode.BUSY_RETRY)
+            return
         decision = Decision(
             terminal.id,
             terminal_seq,
@@ -218,29 +257,8 @@ class Processor:
         )
         if original_terminal is not None:
             decision.original_terminal = original_terminal
-        if terminal_seq <= terminal.high_seq or kind == _REVERSAL:
-            # Slow path: the record may already hold this sequence (a retry
-            # after a restart, or an old one), or the decision needs it.
-            if len(self._lookups) >= LOOKUPS_MAX:
-                self._answer_now(target, request_id, terminal_seq, ResultCode.BUSY_RETRY)
-                return
-            self._lookups[key] = [(target, request_id, fingerprint)]
-            self._spawn(self._decide_from_record(terminal, decision))
-            return
-        writer = self.writer
-        if writer is None or not writer.has_room():
-            self._answer_now(target, request_id, terminal_seq, ResultCode.BUSY_RETRY)
-            return
-        if kind == _TAP:
-            decide_tap(self.state, terminal, decision)
-        else:
-            decide_topup(self.state, terminal, decision)
-        terminal.high_seq = terminal_seq
-        decision.waiters.append((target, request_id))
-        self._pending[key] = decision
-        writer.submit(decision)
-        if self.unsafe_answer_before_commit:
-            self._answer_unsafely(decision)
+        self._lookups[key] = [(target, request_id, fingerprint)]
+        self._spawn(self._decide_from_record(terminal, decision))
 
     # --- slow path ----------------------------------------------------------
 

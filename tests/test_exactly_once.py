@@ -9,7 +9,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from engine import fastpath
 from engine.codes import ResultCode
+from engine.decision import request_fingerprint
+from fuzz import rig as rigs
 from tests.city import BUS_FARE, BUS_VALIDATOR, KIOSK, EngineUnderTest, add_card, balance_of, check_books
 from tests.city import running_engine as start_engine
 
@@ -158,3 +161,35 @@ async def test_retries_after_restart_read_the_record_and_count_pool_waits(
     assert again == first
     assert await balance_of(conn, card.account_id) == 100_000 - retries * BUS_FARE
     assert waits > 0
+
+
+async def test_a_tap_above_every_sequence_waits_for_an_uploads_claim() -> None:
+    """A TAP whose sequence is above every one its terminal has had decided
+    skips the look-ups of pending and remembered requests (none can hold
+    it); the claim of an uploaded offline tap still can, and the TAP waits
+    for its outcome instead of being decided a second time."""
+    rig = rigs.SessionRig()
+    terminal = rig.state.terminals[rigs.VALIDATOR]
+    seq = terminal.high_seq + 10
+    when = now_ms()
+    fingerprint = request_fingerprint(0, rigs.CARD_RICH, 7, 0, 0, when, None, -1)
+
+    class Replies:
+        def __init__(self) -> None:
+            self.results: list[tuple[int, int, int]] = []
+
+        def deliver_result(
+            self, request_id: int, terminal_seq: int, result: int, amount: int, balance: int, info: int
+        ) -> None:
+            self.results.append((request_id, terminal_seq, result))
+
+    uploader, tapper = Replies(), Replies()
+    rig.processor.claim(terminal.id, seq, uploader, 0, fingerprint)  # type: ignore[arg-type]
+    rig.processor.submit(tapper, 5, terminal, fastpath.OPERATION_TAP, seq, rigs.CARD_RICH, 7, 0, 0, None, when)  # type: ignore[arg-type]
+    assert rig.writer.queued == [] and tapper.results == []
+    rig.processor.release(terminal.id, seq, ResultCode.BUSY_RETRY)
+    assert uploader.results == [(0, seq, ResultCode.BUSY_RETRY)]
+    assert tapper.results == [(5, seq, ResultCode.BUSY_RETRY)]
+    # Without a claim, the same request is decided at once.
+    rig.processor.submit(tapper, 6, terminal, fastpath.OPERATION_TAP, seq, rigs.CARD_RICH, 7, 0, 0, None, when)  # type: ignore[arg-type]
+    assert [decision.terminal_seq for decision in rig.writer.queued] == [seq]
