@@ -5,7 +5,9 @@ test (``tests/test_session_stateful.py``). No socket and no database: the
 session is driven by calling ``data_received()`` as asyncio would, the
 processor is the real one, and the batch writer is a fake that keeps the
 decisions submitted until the rig commits (or rolls back) them with the
-processor's own ``batch_done()``.
+processor's own ``batch_done()``. Its turns of the event loop are tiny
+(``TURN_INLINE_FRAMES``, engine/turns.py), so that most inputs leave frames
+for the pump of later turns, as a crowd of pipelining terminals does.
 
 Once the session is open, every frame must be sealed both ways: the rig
 seals what it is asked to (``seal()``) with the session's terminal-to-engine
@@ -42,6 +44,7 @@ from engine.session import SessionContext, SessionLimits, TerminalSession
 from engine.signing import ListSigner
 from engine.state import CityState, Terminal
 from engine.sync import HotList, Sync
+from engine.turns import TurnBudget
 from engine.versions import RulesVersions, compile_version
 from engine.writer import BatchWriter
 from fuzz import FuzzFinding
@@ -68,6 +71,12 @@ FUNDING_FLOOR = -(2**62)
 # rather than as a hang of the rig.
 SETTLE_ROUNDS_MAX = 32  # event-loop passes to let slow-path tasks finish
 LIMITS = SessionLimits(max_in_flight=16)  # small, so the fuzzer reaches it
+# Frames a turn decides at once and by the pump (engine/turns.py): small, so
+# that an input of a few frames already leaves some for later turns, and
+# the settling loop below still drains the longest input (2,048 bytes, at
+# most ~170 frames) well within SETTLE_ROUNDS_MAX turns.
+TURN_INLINE_FRAMES = 4
+TURN_PUMP_FRAMES = 8
 
 # The rig city's rules, version 1 (what RULES sends, what offline taps name).
 RULES_VERSION = 1
@@ -224,7 +233,13 @@ class SessionRig:
         self.offline = OfflineUploads(self.state, self.processor, versions)
         self.offline.start()
         self.context = SessionContext(
-            self.state, self.processor, MASTER_KEY, limits=LIMITS, sync=self.sync, offline=self.offline
+            self.state,
+            self.processor,
+            MASTER_KEY,
+            limits=LIMITS,
+            sync=self.sync,
+            offline=self.offline,
+            turns=TurnBudget(inline_frames=TURN_INLINE_FRAMES, pump_frames=TURN_PUMP_FRAMES),
         )
         self.session = TerminalSession(self.context)
         self.transport = FakeTransport(self.session)
@@ -245,7 +260,8 @@ class SessionRig:
             await self.settle()
 
     async def settle(self) -> None:
-        """Let slow-path tasks run and commit what they and the chunk queued."""
+        """Let slow-path tasks and waiting frames run, and commit what they
+        and the chunk queued."""
         for _ in range(SETTLE_ROUNDS_MAX):
             self._check_in_flight()
             await asyncio.sleep(0)
@@ -253,9 +269,16 @@ class SessionRig:
             if batch:
                 self.processor.batch_done(batch, self.commit)
                 self.state.check_invariants()
-            elif not self.processor._tasks and not self.offline.busy and not self.session._tasks:
+            elif (
+                not self.processor._tasks
+                and not self.offline.busy
+                and not self.session._tasks
+                and not self.session.has_backlog()
+            ):
                 break
         self._check_in_flight()
+        if self.session.has_backlog():
+            raise FuzzFinding(f"frames still waiting after {SETTLE_ROUNDS_MAX} turns")
 
     async def hello(self, terminal_id: int = VALIDATOR, request_id: int = 1) -> bytes:
         """Send HELLO; return the server nonce of the CHALLENGE (or b"")."""
