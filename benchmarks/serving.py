@@ -70,6 +70,9 @@ DEFAULT_TAPS = 20_000
 DEFAULT_ROUNDS = 7
 MASTER_KEY = bytes(range(32))
 KEY_VERSION = 1
+# A wave is delivered without the loop turning, so the turn budget must not
+# bind: more frames than the handshakes and a day's taps ever come to.
+UNLIMITED_FRAMES = 2**62
 
 
 class ListTransport:
@@ -118,8 +121,8 @@ class ListWriter:
         return batch
 
 
-class Terminal:
-    """One terminal's session as both ends see it."""
+class Link:
+    """One terminal's connection as both ends see it."""
 
     def __init__(
         self,
@@ -136,7 +139,7 @@ class Terminal:
         self.opener = opener  # the terminal's, for the engine's replies
 
 
-def open_session(context: SessionContext, terminal_id: int) -> Terminal:
+def open_session(context: SessionContext, terminal_id: int) -> Link:
     """A session through HELLO, CHALLENGE and AUTH, OPEN."""
     session = TerminalSession(context)
     transport = ListTransport()
@@ -155,14 +158,14 @@ def open_session(context: SessionContext, terminal_id: int) -> Terminal:
     if msg_type != fastpath.MSG_AUTH_OK:
         raise RuntimeError(f"terminal {terminal_id}: AUTH not accepted (type 0x{msg_type:02x})")
     keys = derive_session_keys(key, terminal_id, KEY_VERSION, client_nonce, server_nonce)
-    return Terminal(session, transport, reader, Sealer(keys.terminal_to_engine), Opener(keys.engine_to_terminal))
+    return Link(session, transport, reader, Sealer(keys.terminal_to_engine), Opener(keys.engine_to_terminal))
 
 
 # What one terminal sends in one read: (terminal id, sealed TAP frames).
 Chunk = tuple[int, bytes]
 
 
-def waves(planned: Sequence[PlannedTap], terminals: dict[int, Terminal], batch: int) -> list[list[list[Chunk]]]:
+def waves(planned: Sequence[PlannedTap], terminals: dict[int, Link], batch: int) -> list[list[list[Chunk]]]:
     """The day as waves of at most ``batch`` taps, each wave one batch.
 
     A wave is delivered in steps, each holding at most one tap of a card,
@@ -206,9 +209,9 @@ def one_round(
         processor,
         MASTER_KEY,
         limits=SessionLimits(max_in_flight=batch),
-        turns=TurnBudget(inline_frames=2**62),
+        turns=TurnBudget(inline_frames=UNLIMITED_FRAMES),
     )
-    terminals: dict[int, Terminal] = {}
+    terminals: dict[int, Link] = {}
     for terminal_id in sorted({tap.terminal_id for tap in planned}):
         state.terminals[terminal_id].high_seq = -1
         terminals[terminal_id] = open_session(context, terminal_id)

@@ -174,6 +174,19 @@ class Processor:
             self._answer_now(target, request_id, terminal_seq, ResultCode.PROTOCOL_ERROR)
             return
         key = (terminal.id, terminal_seq)
+        decision = Decision(
+            terminal.id,
+            terminal_seq,
+            kind,
+            card_uid,
+            card_counter,
+            tap_flags,
+            requested,
+            original_seq,
+            event_time_ms,
+            now_ms(),
+            terminal.service_id,
+        )
         if terminal_seq > terminal.high_seq and kind != _REVERSAL and key not in self._lookups:
             # A sequence above every one this terminal has had decided or
             # recorded: nothing pending or remembered can hold it (high_seq
@@ -184,19 +197,6 @@ class Processor:
             if writer is None or not writer.has_room():
                 self._answer_now(target, request_id, terminal_seq, ResultCode.BUSY_RETRY)
                 return
-            decision = Decision(
-                terminal.id,
-                terminal_seq,
-                kind,
-                card_uid,
-                card_counter,
-                tap_flags,
-                requested,
-                original_seq,
-                event_time_ms,
-                now_ms(),
-                terminal.service_id,
-            )
             if kind == _TAP:
                 decide_tap(self.state, terminal, decision)
             else:
@@ -242,19 +242,6 @@ class Processor:
         if len(self._lookups) >= LOOKUPS_MAX:
             self._answer_now(target, request_id, terminal_seq, ResultCode.BUSY_RETRY)
             return
-        decision = Decision(
-            terminal.id,
-            terminal_seq,
-            kind,
-            card_uid,
-            card_counter,
-            tap_flags,
-            requested,
-            original_seq,
-            event_time_ms,
-            now_ms(),
-            terminal.service_id,
-        )
         if original_terminal is not None:
             decision.original_terminal = original_terminal
         self._lookups[key] = [(target, request_id, fingerprint)]
